@@ -1,0 +1,5 @@
+import sys
+
+from leukoscope.cli import main
+
+sys.exit(main())
