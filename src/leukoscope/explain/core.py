@@ -1,0 +1,182 @@
+"""Explain one image: prediction (label, calibrated confidence, all probabilities) + heatmap + overlay."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from leukoscope.data.images import read_image
+from leukoscope.explain.cam import explain_tensor, get_method, resolve_layer
+from leukoscope.explain.overlay import render_overlay
+from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
+
+# A pixel belongs to the hottest region when its heat is at least this share of the peak.
+REGION_THRESHOLD = 0.5
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str) -> LoadedModel:
+    return load_model(path)
+
+
+def as_model(model: LoadedModel | str | Path | None) -> LoadedModel:
+    """A :class:`LoadedModel` as is; a shipped name or model directory loaded once and cached."""
+    if isinstance(model, LoadedModel):
+        return model
+    return _load_cached(str(resolve_model_dir(model or DEFAULT_MODEL).resolve()))
+
+
+def as_rgb(image: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Check an RGB uint8 ``(H, W, 3)`` array (grayscale ``(H, W)`` is repeated to three channels); never copies an
+    RGB array and never modifies it."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a path or a numpy array, got {type(image).__name__} ({name})")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be RGB (H, W, 3) or grayscale (H, W), got shape {image.shape} ({name})")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (0-255), got dtype {image.dtype} ({name}); read files with "
+                         f"leukoscope.data.images.read_image")
+    if min(image.shape[:2]) < 2:
+        raise ValueError(f"image is too small to explain: {image.shape[1]}x{image.shape[0]} pixels ({name})")
+    return image
+
+
+def class_index(model: LoadedModel, target_class: int | str | None, proba: np.ndarray) -> int:
+    """The explained class: the predicted one when ``target_class`` is None, else an index or a class name."""
+    if target_class is None:
+        return int(np.argmax(proba))
+    if isinstance(target_class, str):
+        if target_class not in model.classes:
+            raise ValueError(f"Unknown class {target_class!r}. The model's classes: {model.classes}")
+        return model.classes.index(target_class)
+    k = int(target_class)
+    if not 0 <= k < len(model.classes):
+        raise ValueError(f"target_class {k} is out of range for {len(model.classes)} classes {model.classes}")
+    return k
+
+
+def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int, method: str, layer: str | None) -> tuple[np.ndarray, str]:
+    m = get_method(method)
+    layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
+    x = torch.from_numpy(model.preprocess(rgb))[None]
+    small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock)
+    h, w = rgb.shape[:2]
+    # Preprocess squashes the whole image to S x S, so resizing back is the exact inverse of its geometry.
+    heat = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) if small.shape != (h, w) else small
+    return np.clip(heat, 0.0, 1.0).astype(np.float32), layer_name
+
+
+def gradcam_array(model: LoadedModel | str | Path | None, rgb: np.ndarray, target_class: int | str | None = None,
+                  method: str = "gradcam", layer: str | None = None) -> np.ndarray:
+    """The heatmap of one RGB uint8 image: ``(H, W)`` float32 in [0, 1], at the image's own resolution.
+
+    Args:
+        model: a loaded model, a shipped model name or a model directory.
+        rgb: ``(H, W, 3)`` uint8; not modified.
+        target_class: class index or name to explain; None explains the predicted class.
+        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam`` or ``occlusion``.
+        layer: dotted name of the layer to explain (default: the method's choice, usually the model's target layer).
+    """
+    model = as_model(model)
+    rgb = as_rgb(rgb)
+    k = class_index(model, target_class, model.predict_arrays([rgb])[0] if target_class is None else np.zeros(0))
+    return _heatmap(model, rgb, k, method, layer)[0]
+
+
+def hottest_region(heat: np.ndarray, threshold: float = REGION_THRESHOLD) -> dict:
+    """The connected region around the peak where heat >= ``threshold`` * peak.
+
+    Returns:
+        ``bbox`` [x0, y0, x1, y1] (pixels, x1/y1 exclusive), ``peak`` [x, y], ``area_fraction`` (share of the image),
+        ``heat_share`` (share of all heat inside the box's region), ``threshold``.
+    """
+    h, w = heat.shape
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    peak = float(heat[py, px])
+    if peak <= 0:
+        return {"bbox": [0, 0, w, h], "peak": [int(px), int(py)], "area_fraction": 1.0, "heat_share": 0.0,
+                "threshold": threshold}
+    hot = (heat >= threshold * peak).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
+    lab = labels[py, px]
+    x0, y0, bw, bh, area = (int(v) for v in stats[lab])
+    total = float(heat.sum())
+    share = float(heat[labels == lab].sum()) / total if total > 0 else 0.0
+    return {"bbox": [x0, y0, x0 + bw, y0 + bh], "peak": [int(px), int(py)], "area_fraction": area / (h * w),
+            "heat_share": share, "threshold": threshold}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What a clinician reads for one image.
+
+    Attributes:
+        label, confidence: predicted class and its calibrated probability.
+        probabilities: calibrated probability of every class, in the model's class order.
+        explained_class: the class the heatmap explains (the predicted one unless asked otherwise).
+        method, method_title, target_layer: how the heatmap was made (``target_layer`` is "" for occlusion).
+        heatmap: ``(H, W)`` float32 in [0, 1] at the image's resolution.
+        overlay: RGB uint8, the heatmap blended on the image at its resolution, plus a caption and a colour bar.
+        region: the hottest region (see :func:`hottest_region`).
+        model: the model's name; source: the image's path, or ``<array>``.
+    """
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    explained_class: str
+    method: str
+    method_title: str
+    target_layer: str
+    heatmap: np.ndarray = field(repr=False)
+    overlay: np.ndarray = field(repr=False)
+    region: dict
+    model: str
+    source: str = "<array>"
+
+    def to_dict(self) -> dict:
+        """Everything but the arrays, JSON-ready."""
+        h, w = self.heatmap.shape
+        return {"path": self.source, "image_size": [w, h], "label": self.label, "confidence": self.confidence,
+                "probabilities": self.probabilities, "explained_class": self.explained_class, "method": self.method,
+                "method_title": self.method_title, "target_layer": self.target_layer, "hottest_region": self.region,
+                "model": self.model}
+
+
+def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | None = DEFAULT_MODEL,
+            method: str = "gradcam", target_class: int | str | None = None, layer: str | None = None) -> Explanation:
+    """Predict one image and show what drove the decision.
+
+    Args:
+        image: a path or an RGB uint8 array (not modified).
+        model: a loaded model, a shipped model name or a model directory (default ``leukemia-cell``).
+        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam`` or ``occlusion``.
+        target_class: class index or name to explain; None explains the predicted class.
+        layer: the layer a CAM method explains (default: the model's recorded target layer; LayerCAM: the
+            backbone's stride-16 stage).
+
+    Raises:
+        ImageReadError: an unreadable file (the message names it).
+        ValueError: unknown method, class or layer; an array that is not RGB uint8.
+    """
+    model = as_model(model)
+    source = "<array>" if isinstance(image, np.ndarray) else str(image)
+    rgb = as_rgb(image) if isinstance(image, np.ndarray) else read_image(image)
+    proba = model.predict_arrays([rgb])[0]
+    k_pred = int(np.argmax(proba))
+    k = class_index(model, target_class, proba)
+    m = get_method(method)
+    heat, layer_name = _heatmap(model, rgb, k, method, layer)
+    region = hottest_region(heat)
+    label, conf = model.classes[k_pred], float(proba[k_pred])
+    caption = f"{label} {100 * conf:.1f}%   {m.title}" + (f" for '{model.classes[k]}'" if k != k_pred else "")
+    overlay = render_overlay(rgb, heat, caption=caption, bbox=region["bbox"])
+    return Explanation(label, conf, {c: float(p) for c, p in zip(model.classes, proba)}, model.classes[k], m.name,
+                       m.title, layer_name, heat, overlay, region, model.name, source)

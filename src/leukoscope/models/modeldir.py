@@ -1,0 +1,238 @@
+"""The model directory: the one hand-off between training and everything after it.
+
+    model.safetensors   weights
+    model.json          architecture, classes, preprocessing, temperature, Grad-CAM target layer, weights hash
+    config.yaml         the resolved training config
+    metrics.json        what it reached on held-out groups
+    MODEL_CARD.md       data seen, split, metrics with CIs, intended use, limits
+    model.onnx          optional (``leukoscope export --onnx``): used automatically for fast inference
+
+Predict, evaluate, explain, the API and the web page all load a model through :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leukoscope._registry import Registry, unknown_name_message
+from leukoscope.data.images import read_image
+from leukoscope.errors import ImageReadError
+from leukoscope.preprocess.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = "leukemia-cell"
+
+MODELS: Registry = Registry("model")
+
+
+@MODELS.register("cnn")
+def _cnn(backbone: nn.Module, num_classes: int, spec: dict) -> nn.Module:
+    from leukoscope.models.net import CellClassifier
+
+    return CellClassifier(backbone, num_classes, spec.get("dropout", 0.3), spec.get("trainable_stages", 1))
+
+
+@MODELS.register("hybrid")
+def _hybrid(backbone: nn.Module, num_classes: int, spec: dict) -> nn.Module:
+    from leukoscope.models.net import HybridCNNTransformer
+
+    grid = spec.get("input_size", 224) // 32
+    return HybridCNNTransformer(backbone, num_classes, grid, dim=spec.get("dim", 192), depth=spec.get("depth", 2),
+                                heads=spec.get("heads", 4), dropout=spec.get("dropout", 0.1),
+                                cnn_stages_frozen_until=spec.get("trainable_stages", 1))
+
+
+def build_network(spec: dict, num_classes: int, pretrained: str | bool = "auto") -> tuple[nn.Module, str]:
+    """Build the network described by ``spec`` (keys ``model``, ``backbone``, ``dropout``, ...)."""
+    from leukoscope.models.backbones import create_backbone
+
+    factory = MODELS.get(spec.get("model", "cnn"))
+    backbone, source = create_backbone(spec.get("backbone", "efficientnet_lite0"), pretrained)
+    return factory(backbone, num_classes, spec), source
+
+
+def shipped_models() -> list[str]:
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "model.json").exists() and (p / "model.safetensors")
+                  .exists())
+
+
+def resolve_model_dir(name_or_dir: str | Path | None) -> Path:
+    """A model directory from a path or a shipped model's name (default ``leukemia-cell``)."""
+    name_or_dir = name_or_dir or DEFAULT_MODEL
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "model.json").exists():
+            raise FileNotFoundError(f"{path} is not a model directory (no model.json)")
+        return path
+    if (SHIPPED_DIR / str(name_or_dir) / "model.json").exists():
+        return SHIPPED_DIR / str(name_or_dir)
+    raise ValueError(unknown_name_message("model", str(name_or_dir), shipped_models()) +
+                     " (or pass the path of a model directory)")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any]) -> Path:
+    """Write weights and ``model.json``; ``info`` holds spec, classes, preprocess, temperature, ..."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    info = dict(info)
+    info["weights_sha256"] = file_sha256(out / "model.safetensors")
+    info["n_parameters"] = int(sum(p.numel() for p in module.parameters()))
+    (out / "model.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A trained classifier ready for inference: calibrated probabilities from RGB images.
+
+    Thread-safe for concurrent ``predict_*`` calls (torch inference under a lock; ONNX Runtime sessions are
+    thread-safe on their own).
+    """
+
+    name: str
+    path: Path
+    module: nn.Module
+    classes: list[str]
+    preprocess: Preprocess
+    temperature: float
+    info: dict
+    backend: str = "torch"
+    _session: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
+    @property
+    def target_layer(self) -> str:
+        return self.info.get("target_layer", "")
+
+    def prepare_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self.preprocess(im) for im in images]).astype(np.float32)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw logits for a prepared float32 batch (N, 3, S, S)."""
+        if self._session is not None:
+            return self._session.run(None, {"input": x})[0]
+        with self._lock, torch.inference_mode():
+            return self.module(torch.from_numpy(x)).float().numpy()
+
+    def predict_arrays(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, C), for RGB uint8 images."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            z = self.logits(self.prepare_batch(images[i:i + batch_size]))
+            out.append(softmax(z / self.temperature))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_paths(self, paths: list[str | Path], batch_size: int = 32) -> tuple[list[Path], np.ndarray,
+                                                                                     list[tuple[str, str]]]:
+        """(readable paths, probabilities, [(unreadable path, reason)])."""
+        ok, probs, failed = [], [], []
+        batch: list[np.ndarray] = []
+        for p in paths:
+            try:
+                batch.append(read_image(p))
+                ok.append(Path(p))
+            except ImageReadError as exc:
+                failed.append((str(p), exc.reason))
+            if len(batch) == batch_size:
+                probs.append(self.predict_arrays(batch, batch_size))
+                batch = []
+        if batch:
+            probs.append(self.predict_arrays(batch, batch_size))
+        arr = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
+        return ok, arr, failed
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def onnx_path_for(model: LoadedModel) -> Path:
+    """``model.onnx`` in the model directory when present, else a per-weights file in the user cache (exported once)."""
+    local = model.path / "model.onnx"
+    if local.exists():
+        return local
+    from leukoscope.train.stem_cache import cache_root
+
+    return cache_root() / "onnx" / f"{model.info.get('weights_sha256', 'unknown')[:16]}.onnx"
+
+
+def _attach_onnx(model: LoadedModel, required: bool) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        if required:
+            from leukoscope.errors import MissingExtraError
+
+            raise MissingExtraError("the ONNX backend needs onnxruntime: pip install 'leukoscope[onnx]'") from None
+        return
+    path = onnx_path_for(model)
+    if not path.exists():
+        from leukoscope.models.export import export_onnx
+
+        log.info("exporting %s to ONNX once (%s)", model.name, path)
+        try:
+            export_onnx(model.module, model.input_size, path)
+        except Exception as exc:  # no onnx package, read-only cache, ...: PyTorch still works
+            if required:
+                raise
+            log.warning("ONNX export failed (%s); using PyTorch", exc)
+            return
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    model._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model.backend = "onnx"
+
+
+def load_model(name_or_dir: str | Path | None = None, backend: str = "auto") -> LoadedModel:
+    """Load a model directory or a shipped model by name (default ``leukemia-cell``).
+
+    Args:
+        backend: ``auto`` (ONNX Runtime when the directory has ``model.onnx`` and onnxruntime is installed, else
+            PyTorch), ``torch`` or ``onnx``.
+    """
+    from safetensors.torch import load_file
+
+    path = resolve_model_dir(name_or_dir)
+    info = json.loads((path / "model.json").read_text())
+    module, _ = build_network(info["spec"], len(info["classes"]), pretrained="none")
+    state = load_file(str(path / "model.safetensors"))
+    module.load_state_dict(state)
+    module.eval()
+    model = LoadedModel(info.get("name", path.name), path, module, list(info["classes"]),
+                        Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info)
+    if backend in ("auto", "onnx"):
+        _attach_onnx(model, required=backend == "onnx")
+    elif backend != "torch":
+        raise ValueError(f"Unknown backend {backend!r}. Available: ['auto', 'onnx', 'torch']")
+    return model

@@ -1,0 +1,135 @@
+"""The preprocessing a model expects (resize, denoise, stain normalisation, normalise) and training augmentation.
+
+:class:`Preprocess` is saved in every model directory so that prediction prepares an image exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+
+from leukoscope.preprocess.stain import apply_stain, hed_jitter
+
+DENOISE_METHODS = ("none", "median", "bilateral", "nlm")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB uint8 image becomes the network's input.
+
+    Attributes:
+        size: side of the square input in pixels.
+        mean, std: per-channel normalisation of [0, 1] values (the backbone's own).
+        denoise: ``none``, ``median``, ``bilateral`` or ``nlm`` (non-local means).
+        stain: fitted stain normaliser (see :mod:`leukoscope.preprocess.stain`), or None.
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    denoise: str = "none"
+    stain: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.denoise not in DENOISE_METHODS:
+            raise ValueError(f"Unknown denoise method {self.denoise!r}. Available: {list(DENOISE_METHODS)}")
+        if self.size < 16:
+            raise ValueError(f"input size must be at least 16 pixels, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   denoise=d.get("denoise", "none"), stain=d.get("stain"))
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """Denoise and stain-normalise at the original resolution, then resize: uint8 (size, size, 3)."""
+        img = denoise(rgb, self.denoise)
+        if self.stain:
+            img = apply_stain(img, self.stain)
+        return resize(img, self.size)
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> float32 (3, H, W) normalised."""
+        x = rgb.astype(np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        return self.normalize(self.prepare(rgb))
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    shrink = rgb.shape[0] > size or rgb.shape[1] > size
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def denoise(rgb: np.ndarray, method: str) -> np.ndarray:
+    if method == "none":
+        return rgb
+    if method == "median":
+        return cv2.medianBlur(rgb, 3)
+    if method == "bilateral":
+        return cv2.bilateralFilter(rgb, 5, 40, 5)
+    if method == "nlm":
+        return cv2.fastNlMeansDenoisingColored(rgb, None, 5, 5, 7, 21)
+    raise ValueError(f"Unknown denoise method {method!r}. Available: {list(DENOISE_METHODS)}")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation on the prepared (resized) uint8 image. Every field 0 / False switches that part off."""
+
+    rotate: float = 180.0  # max degrees; cells have no up
+    flip: bool = True
+    scale: tuple[float, float] = (0.85, 1.15)
+    brightness: float = 0.15
+    contrast: float = 0.15
+    saturation: float = 0.15
+    hue: float = 0.03
+    stain_jitter: float = 0.03
+    extra: dict = field(default_factory=dict)
+
+    def __call__(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        img = rgb
+        if self.stain_jitter > 0:
+            img = hed_jitter(img, rng, self.stain_jitter)
+        h, w = img.shape[:2]
+        angle = rng.uniform(-self.rotate, self.rotate) if self.rotate else 0.0
+        s = rng.uniform(*self.scale) if self.scale else 1.0
+        if angle or s != 1.0:
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, s)
+            img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        if self.flip:
+            if rng.random() < 0.5:
+                img = img[:, ::-1]
+            if rng.random() < 0.5:
+                img = img[::-1]
+        img = np.ascontiguousarray(img)
+        if self.brightness or self.contrast or self.saturation or self.hue:
+            img = _colour_jitter(img, rng, self.brightness, self.contrast, self.saturation, self.hue)
+        return img
+
+
+def _colour_jitter(img: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float, h: float) -> np.ndarray:
+    x = img.astype(np.float32)
+    if b:
+        x = x * rng.uniform(1 - b, 1 + b)
+    if c:
+        mean = x.mean()
+        x = (x - mean) * rng.uniform(1 - c, 1 + c) + mean
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    if s or h:
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV).astype(np.float32)
+        if h:
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-h, h) * 180) % 180
+        if s:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1 - s, 1 + s), 0, 255)
+        x = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    return x

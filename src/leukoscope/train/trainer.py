@@ -1,0 +1,332 @@
+"""Training: Adam/AdamW, class-weighted loss or balanced sampling, cosine schedule, early stopping on the group-level
+validation split, best/last checkpoints with resume, seeds, progress bars, a CSV metrics log, temperature calibration,
+and a model directory at the end. Runs on CPU, on CUDA with mixed precision, and under ``torchrun`` (DDP)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from leukoscope.config import TrainConfig, save_config
+from leukoscope.data.datasets import Dataset, combine, load_dataset
+from leukoscope.data.images import read_image
+from leukoscope.data.splits import Split, assert_no_leak, group_split
+from leukoscope.errors import ImageReadError
+from leukoscope.models.backbones import mean_std
+from leukoscope.models.modeldir import build_network, save_model_dir
+from leukoscope.preprocess.stain import fit_stain
+from leukoscope.preprocess.transforms import Augment, Preprocess
+from leukoscope.train.stem_cache import StemCache, cache_root, stem_key
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_training_data(cfg: TrainConfig) -> Dataset:
+    parts = [load_dataset(n, root=cfg.roots.get(n), target=cfg.target) for n in cfg.datasets]
+    return parts[0] if len(parts) == 1 else combine(parts, name="+".join(cfg.datasets))
+
+
+def make_or_load_split(cfg: TrainConfig, ds: Dataset) -> Split:
+    if cfg.split:
+        split = Split.load(cfg.split)
+    else:
+        split = group_split(ds, test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed)
+    assert_no_leak(ds, split)
+    return split
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Trainable(nn.Module):
+    """The trained part of a network (``top`` + ``head``) as one module, for the optimiser and DDP."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(net.trainable_modules())
+        self.net = [net]  # not a submodule: the frozen stem stays out of DDP's parameter set
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        net = self.net[0]
+        return net.head(net.top(f))
+
+
+@dataclasses.dataclass
+class FitResult:
+    out: Path
+    metrics: dict
+    history: list[dict]
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the validation NLL of softmax(logits / T)."""
+    z = torch.tensor(logits, dtype=torch.float64)
+    t = torch.tensor(y, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp(), t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
+    """Train a model as ``cfg`` says and write its model directory to ``out``."""
+    rank, world = _dist_info()
+    out = Path(out)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+    ds = load_training_data(cfg)
+    split = make_or_load_split(cfg, ds)
+    train_ds, val_ds, test_ds = (split.subset(ds, p) for p in ("train", "val", "test"))
+    if not len(val_ds):
+        raise ValueError("the split has no validation part; early stopping and calibration need one")
+
+    net, weights_source = build_network(cfg.spec(), len(ds.classes), cfg.pretrained)
+    mean, std = mean_std(cfg.backbone)
+    stain = None
+    if cfg.stain != "none":
+        ref = Path(cfg.stain_reference) if cfg.stain_reference else train_ds.samples[0].path
+        stain = fit_stain(cfg.stain, read_image(ref))
+        stain["reference"] = str(ref)
+    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, stain)
+    aug = Augment(**cfg.augment)
+
+    for p in net.parameters():
+        p.requires_grad_(False)
+    trainable = _Trainable(net)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        split.save(out / "split.json")
+        save_config(cfg, out / "config.yaml")
+
+    # ---- inputs: cached stem features (default) or images ------------------------------------------------------
+    y_of = {c: i for i, c in enumerate(ds.classes)}
+    failures: list[tuple[str, str]] = []
+    if cfg.cache_stem:
+        key = stem_key(cfg.spec(), weights_source, pre, aug, cfg.seed)
+        cache = StemCache(cache_root(cfg.cache_dir) / "stem" / f"{key}.pt")
+        if world > 1:  # rank 0 fills the cache, the others read it
+            if rank == 0:
+                _compute_all(cache, net, train_ds, val_ds, test_ds, cfg, pre, aug)
+            dist.barrier()
+            cache = StemCache(cache.path)
+        data = {}
+        for name, part, views in (("train", train_ds, 1 + cfg.aug_views), ("val", val_ds, 1), ("test", test_ds, 1)):
+            feats, ok, failed = cache.compute(net._stem, part.samples, views, pre, aug, cfg.seed,
+                                              desc=f"stem features ({name}, {views} view(s))")
+            failures += failed
+            data[name] = (feats, torch.tensor([y_of[part.samples[i].label] for i in ok]), [part.samples[i] for i in ok])
+        del cache
+    else:
+        data = {name: _load_images(part, pre, failures) for name, part in
+                (("train", train_ds), ("val", val_ds), ("test", test_ds))}
+
+    # ---- optimiser ---------------------------------------------------------------------------------------------
+    net.to(device)
+    head_params = list(net.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    body_params = [p for p in trainable.parameters() if id(p) not in head_ids]
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if body_params:
+        groups.append({"params": body_params, "lr": cfg.backbone_lr})
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.optimizer)
+    if opt_cls is None:
+        raise ValueError(f"Unknown optimizer {cfg.optimizer!r}. Available: ['adam', 'adamw']")
+    opt = opt_cls(groups, weight_decay=cfg.weight_decay)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine"
+             else None)
+    counts = np.bincount(data["train"][1].numpy(), minlength=len(ds.classes)).astype(float)
+    weights = None
+    if cfg.balance == "weights":
+        weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32,
+                               device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    model = trainable
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+
+    ckpt_dir = out / "checkpoints"
+    start_epoch, best_loss, bad_epochs, history = 0, math.inf, 0, []
+    if resume and (ckpt_dir / "last.pt").exists():
+        state = torch.load(str(ckpt_dir / "last.pt"), map_location="cpu", weights_only=True)
+        trainable.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched and "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
+        start_epoch, best_loss, bad_epochs = int(state["epoch"]) + 1, float(state["best_loss"]), int(state["bad"])
+        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        log.info("resuming after epoch %d", start_epoch)
+
+    x_tr, y_tr, _ = data["train"]
+    n_train = len(y_tr)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    epochs = range(start_epoch, cfg.epochs)
+    for epoch in tqdm(epochs, desc="epochs", unit="ep", disable=not progress or rank != 0, leave=False):
+        rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+        if cfg.balance == "sampler":
+            w = 1.0 / counts[y_tr.numpy()]
+            order = rng.choice(n_train, n_train, replace=True, p=w / w.sum())
+        else:
+            order = rng.permutation(n_train)
+        order = order[rank::world]  # each rank its own share (DistributedSampler's rule, in a seeded order)
+        model.train()
+        tot, n = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            if cfg.cache_stem:
+                views = rng.integers(0, x_tr.shape[1], len(idx))
+                xb = x_tr[idx, views].float()
+            else:
+                xb = torch.from_numpy(np.stack([pre.normalize(aug(x_tr[j], rng)) for j in idx]))
+                xb = net.stem(xb.to(device))
+            yb = y_tr[idx].to(device)
+            with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+                loss = loss_fn(model(xb.to(device)), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            tot += loss.item() * len(idx)
+            n += len(idx)
+        if sched:
+            sched.step()
+        val_logits = _logits(trainable, net, data["val"][0], cfg, device, pre)
+        val_loss = float(nn.functional.cross_entropy(torch.tensor(val_logits), data["val"][1]))
+        val_acc = float((val_logits.argmax(1) == data["val"][1].numpy()).mean())
+        history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
+                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+        improved = val_loss < best_loss - 1e-4
+        best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
+        if rank == 0:
+            state = {"model": trainable.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "best_loss": best_loss, "bad": bad_epochs}
+            if sched:
+                state["scheduler"] = sched.state_dict()
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(state, str(ckpt_dir / "last.pt"))
+            if improved:
+                torch.save({"model": trainable.state_dict(), "epoch": epoch}, str(ckpt_dir / "best.pt"))
+            _write_history(out, history)
+        if bad_epochs >= cfg.patience:
+            log.info("early stop at epoch %d (no val-loss improvement for %d epochs)", epoch, cfg.patience)
+            break
+
+    if world > 1:
+        dist.barrier()
+    best = torch.load(str(ckpt_dir / "best.pt"), map_location="cpu", weights_only=True)
+    trainable.load_state_dict(best["model"])
+    net.cpu().eval()
+
+    val_logits = _logits(trainable, net, data["val"][0], cfg, torch.device("cpu"), pre)
+    temperature = fit_temperature(val_logits, data["val"][1].numpy())
+    test_logits = _logits(trainable, net, data["test"][0], cfg, torch.device("cpu"), pre)
+    info = {
+        "name": cfg.name, "spec": cfg.spec(), "classes": ds.classes, "target": cfg.target,
+        "preprocess": pre.to_dict(), "temperature": temperature, "target_layer": net.target_layer,
+        "weights_source": weights_source, "datasets": list(cfg.datasets), "best_epoch": int(best["epoch"]),
+        "trained_seconds": round(time.time() - t0, 1),
+    }
+    metrics: dict = {}
+    if rank == 0:
+        from leukoscope.evaluate.report import evaluate_predictions, write_card
+
+        save_model_dir(out, net, info)
+        metrics = evaluate_predictions(
+            ds.classes, data["test"][1].numpy(), test_logits, temperature, data["test"][2], out_dir=out,
+            val=(data["val"][1].numpy(), val_logits), title=f"{cfg.name} on held-out groups")
+        metrics["training"] = {"n_train": n_train, "n_val": len(data["val"][1]), "n_test": len(data["test"][1]),
+                               "epochs_run": len(history), "best_epoch": int(best["epoch"]),
+                               "unreadable": [{"path": p, "reason": r} for p, r in failures],
+                               "seconds": info["trained_seconds"]}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+        write_card(out, cfg, ds, split, info, metrics)
+    return FitResult(out, metrics, history)
+
+
+def _compute_all(cache: StemCache, net: nn.Module, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset,
+                 cfg: TrainConfig, pre: Preprocess, aug: Augment) -> None:
+    for part, views in ((train_ds, 1 + cfg.aug_views), (val_ds, 1), (test_ds, 1)):
+        cache.compute(net._stem, part.samples, views, pre, aug, cfg.seed)
+
+
+def _load_images(part: Dataset, pre: Preprocess, failures: list) -> tuple[list[np.ndarray], torch.Tensor, list]:
+    imgs, ys, ok = [], [], []
+    index = {c: i for i, c in enumerate(part.classes)}
+    for s in tqdm(part.samples, desc="reading images", unit="img", leave=False):
+        try:
+            imgs.append(pre.prepare(read_image(s.path)))
+        except ImageReadError as exc:
+            failures.append((str(s.path), exc.reason))
+            continue
+        ys.append(index[s.label])
+        ok.append(s)
+    return imgs, torch.tensor(ys), ok
+
+
+@torch.inference_mode()
+def _logits(trainable: _Trainable, net: nn.Module, x: torch.Tensor | list, cfg: TrainConfig,
+            device: torch.device, pre: Preprocess) -> np.ndarray:
+    trainable.eval()
+    out = []
+    for i in range(0, len(x), 128):
+        if cfg.cache_stem:
+            xb = x[i:i + 128, 0].float().to(device)
+        else:
+            xb = net.stem(torch.from_numpy(np.stack([pre.normalize(im) for im in x[i:i + 128]])).to(device))
+        out.append(trainable(xb).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # only when tensorboard is installed
+    except ImportError:
+        return
+    with SummaryWriter(str(out / "tensorboard")) as tb:
+        h = history[-1]
+        for k, v in h.items():
+            if k != "epoch":
+                tb.add_scalar(k, v, h["epoch"])
