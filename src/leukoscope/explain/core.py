@@ -66,7 +66,9 @@ def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int, method: str, layer: st
     m = get_method(method)
     layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
     x = torch.from_numpy(model.preprocess(rgb))[None]
-    small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock)
+    # With an ONNX Runtime session (predict's fast path) the gradient-free methods' many forward passes use it.
+    fast = model.logits if model.backend == "onnx" else None
+    small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock, logits_fn=fast)
     h, w = rgb.shape[:2]
     # Preprocess squashes the whole image to S x S, so resizing back is the exact inverse of its geometry.
     heat = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) if small.shape != (h, w) else small
@@ -178,5 +180,6 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     label, conf = model.classes[k_pred], float(proba[k_pred])
     caption = f"{label} {100 * conf:.1f}%   {m.title}" + (f" for '{model.classes[k]}'" if k != k_pred else "")
     overlay = render_overlay(rgb, heat, caption=caption, bbox=region["bbox"])
-    return Explanation(label, conf, {c: float(p) for c, p in zip(model.classes, proba)}, model.classes[k], m.name,
-                       m.title, layer_name, heat, overlay, region, model.name, source)
+    probs = {c: float(p) for c, p in zip(model.classes, proba, strict=True)}
+    return Explanation(label, conf, probs, model.classes[k], m.name, m.title, layer_name, heat, overlay, region,
+                       model.name, source)

@@ -89,7 +89,8 @@ def write_explanations(model: LoadedModel | str | Path | None, paths: Iterable[s
 def _data_uri(rgb: np.ndarray) -> str:
     h, w = rgb.shape[:2]
     f = THUMB / max(h, w)
-    small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else rgb
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if f < 1 else rgb
     ok, buf = cv2.imencode(".jpg", small[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 RGB image
         raise RuntimeError("could not encode a thumbnail")

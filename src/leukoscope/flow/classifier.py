@@ -181,55 +181,72 @@ class FittedClassifier:
         return clf
 
 
-def _estimator(spec: ClassifierSpec, seed: int):
+def _make(kind: str, params: dict, class_weight: str, seed: int):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    cw = "balanced" if spec.class_weight == "balanced" else None
-    if spec.kind == "svm":
-        est = SVC(kernel="rbf", class_weight=cw)
-    else:
-        est = LogisticRegression(class_weight=cw, max_iter=5000, random_state=seed)
-    return Pipeline([("scale", StandardScaler()), ("clf", est)])
+    cw = "balanced" if class_weight == "balanced" else None
+    if kind == "svm":
+        return SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], class_weight=cw)
+    return LogisticRegression(C=params["C"], class_weight=cw, max_iter=5000, random_state=seed)
+
+
+def _score(name: str, y: np.ndarray, decision: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    if name == "roc_auc":
+        return float(roc_auc_score(y, decision)) if len(np.unique(y)) == 2 else float("nan")
+    if name == "balanced_accuracy":
+        return float(balanced_accuracy_score(y, (decision > 0).astype(int)))
+    raise ValueError(f"unknown scoring {name!r}; use roc_auc, balanced_accuracy or both joined by '+'")
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, spec: ClassifierSpec, seed: int = 0
                    ) -> FittedClassifier:
-    """Tune on subject-level inner folds, Platt-calibrate on the inner held-out decision values, refit on all."""
-    from sklearn.model_selection import GridSearchCV, cross_val_predict
+    """Tune on subject-level inner folds, Platt-calibrate on the inner held-out decision values, refit on all.
+
+    The grid is searched in ascending order and the first best point is kept, so ties go to the most regularised
+    model. Scaling is refitted inside every inner fold.
+    """
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y).astype(int)
     groups = np.asarray(groups)
+    if X.ndim != 2 or X.shape[0] != len(y):
+        raise ValueError(f"X must be (n_subjects={len(y)}, n_features), got {X.shape}")
     folds = subject_folds(y, groups, spec.inner_folds, seed)
     n_feat = X.shape[1]
     if spec.kind == "svm":
-        grid = {"clf__C": list(spec.C), "clf__gamma": [g / n_feat for g in spec.gamma]}
+        grid = [{"C": c, "gamma": g / n_feat} for c in sorted(spec.C) for g in sorted(spec.gamma)]
     else:
-        grid = {"clf__C": list(spec.C)}
+        grid = [{"C": c} for c in sorted(spec.C)]
     scorers = spec.scoring.split("+")
-
-    def pick(results: dict) -> int:
-        total = sum(np.nan_to_num(np.asarray(results[f"mean_test_{s}"], dtype=float), nan=-1.0) for s in scorers)
-        return int(np.argmax(total))  # first of ties = most regularised (grids ascend)
-
-    with warnings.catch_warnings():
+    scaled = []
+    for tr, te in folds:
+        sc = StandardScaler().fit(X[tr])
+        scaled.append((sc.transform(X[tr]), sc.transform(X[te]), tr, te))
+    with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        search = GridSearchCV(_estimator(spec, seed), grid, scoring={s: s for s in scorers}, cv=folds, refit=pick,
-                              n_jobs=1)
-        search.fit(X, y)
-        best = search.best_estimator_
-        best_score = float(sum(search.cv_results_[f"mean_test_{s}"][search.best_index_] for s in scorers))
-        oof = cross_val_predict(_estimator(spec, seed).set_params(**search.best_params_), X, y, cv=folds,
-                                method="decision_function")
-    a, b = fit_platt(oof, y)
-    scaler, est = best.named_steps["scale"], best.named_steps["clf"]
+        best_i, best_score, best_oof = -1, -np.inf, None
+        for i, params in enumerate(grid):
+            oof = np.zeros(len(y))
+            scores = {s: [] for s in scorers}
+            for ztr, zte, tr, te in scaled:
+                oof[te] = _make(spec.kind, params, spec.class_weight, seed).fit(ztr, y[tr]).decision_function(zte)
+                for s in scorers:
+                    scores[s].append(_score(s, y[te], oof[te]))
+            total = float(sum(np.nan_to_num(np.nanmean(v) if not np.all(np.isnan(v)) else np.nan, nan=-1.0)
+                              for v in scores.values()))
+            if total > best_score + 1e-12:
+                best_i, best_score, best_oof = i, total, oof
+        a, b = fit_platt(best_oof, y)
+        scaler = StandardScaler().fit(X)
+        est = _make(spec.kind, grid[best_i], spec.class_weight, seed).fit(scaler.transform(X), y)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    info = {"best_params": {k.replace("clf__", ""): float(v) for k, v in search.best_params_.items()},
-            "inner_cv_score": best_score, "scoring": spec.scoring, "n_train": int(len(y)),
-            "n_train_pos": int(y.sum()), "inner_folds": len(folds)}
+    info = {"best_params": {k: float(v) for k, v in grid[best_i].items()}, "inner_cv_score": best_score,
+            "scoring": spec.scoring, "n_train": int(len(y)), "n_train_pos": int(y.sum()), "inner_folds": len(folds)}
     if spec.kind == "svm":
         return FittedClassifier(
             kind="svm", scaler_mean=scaler.mean_.copy(), scaler_scale=scale, intercept=float(est.intercept_[0]),

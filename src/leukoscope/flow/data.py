@@ -190,7 +190,7 @@ def load_feature_table(path: str | Path | None = None, root: str | Path | None =
     if len(set(subjects)) != len(subjects):
         raise ValueError(f"{path}: subject ids are not unique; a feature table has one row per subject")
     if labels is not None:
-        bad = [s for s, t in zip(subjects, y) if CLASSES[t] != labels.get(int(s))]
+        bad = [s for s, t in zip(subjects, y, strict=True) if CLASSES[t] != labels.get(int(s))]
         if bad:
             raise ValueError(f"{path}: labels disagree with AMLTraining.csv for subjects {bad[:5]}")
     if not np.isfinite(X).all():

@@ -27,8 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from leukoscope.errors import LeukoscopeError, require
+from leukoscope.flow.compensation import Spillover, spillover_from_keywords
 
-__all__ = ["FCSReadError", "FlowSample", "read_fcs", "count_data_sets", "match_channels", "normalize_channel_name"]
+__all__ = [
+    "FCSReadError", "FlowSample", "read_fcs", "read_fcs_text", "count_data_sets", "match_channels",
+    "normalize_channel_name", "panel_differences",
+]
 
 _FCS_MAGIC = re.compile(rb"^FCS[23]\.[0-9]")
 
@@ -57,6 +61,9 @@ class FlowSample:
         n_datasets: how many data sets the file holds.
         log_decoded: for each column, whether it was decoded from a log scale.
         ranges: ``$PnR`` of each column (0.0 when absent).
+        spillover: the spillover the file declares for this data set (``$SPILLOVER``/``SPILL``/``$DFCiTOj``), taken
+            from another data set of the same file when this one has none (Beckman writes ``$DFCiTOj`` only into
+            data set 1); None when the file declares none. It is *not* applied by the reader.
         notes: things worth knowing about how the file was read (offset repairs, ...).
     """
 
@@ -70,17 +77,12 @@ class FlowSample:
     n_datasets: int = 1
     log_decoded: list[bool] = field(default_factory=list)
     ranges: list[float] = field(default_factory=list)
+    spillover: Spillover | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def n_events(self) -> int:
         return int(self.events.shape[0])
-
-    @property
-    def tube(self) -> int | None:
-        """Tube number from the Beckman ``@TUBENO`` keyword, if present."""
-        value = self.keywords.get("@tubeno", "").strip()
-        return int(value) if value.isdigit() else None
 
     def column(self, name: str) -> np.ndarray:
         """Events of the channel whose ``$PnN`` is ``name`` (matched as :func:`normalize_channel_name` does)."""
@@ -128,6 +130,33 @@ def _check_header(path: Path) -> None:
                                  "b'FCS3.1')")
     if len(head) < 58:
         raise FCSReadError(path, f"file is truncated: {size} bytes is shorter than the 58-byte FCS header")
+
+
+def read_fcs_text(path: str | Path, dataset: int = 0) -> tuple[list[str], list[str], dict[str, str]]:
+    """``($PnN list, $PnS list, keywords)`` of one data set, without decoding events."""
+    path = Path(path)
+    data_sets = _read_data_sets(path, only_text=True)
+    if not -len(data_sets) <= dataset < len(data_sets):
+        raise FCSReadError(path, f"asked for data set {dataset}, the file holds {len(data_sets)}")
+    text = {k.lower().lstrip("$"): str(v) for k, v in data_sets[dataset].text.items()}
+    n_par = int(text.get("par", "0").strip() or 0)
+    names = [text.get(f"p{i}n", f"P{i}").strip() for i in range(1, n_par + 1)]
+    markers = [text.get(f"p{i}s", "").strip() for i in range(1, n_par + 1)]
+    return names, markers, text
+
+
+def _marker_key(marker: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", marker.casefold())
+
+
+def panel_differences(markers: list[str], expected: list[str]) -> list[tuple[int, str, str]]:
+    """Positions where a file's ``$PnS`` marker text differs from the expected panel (case, spaces and punctuation
+    ignored; blanks never count). Used only to *warn*: channels are matched by ``$PnN``."""
+    out = []
+    for i, (got, want) in enumerate(zip(markers, expected, strict=False)):
+        if got.strip() and want.strip() and _marker_key(got) != _marker_key(want):
+            out.append((i, got, want))
+    return out
 
 
 def count_data_sets(path: str | Path) -> int:
@@ -202,8 +231,22 @@ def read_fcs(path: str | Path, dataset: int = 0, decode_log: bool = True) -> Flo
             scale = float(offset) if (version.startswith("3") and float(offset) > 0) else 1.0
             col[:] = scale * 10.0 ** (float(decades) * col / rng)
         decoded.append(bool(is_log))
+    spill = None
+    try:
+        spill = spillover_from_keywords(text, channels)
+        if spill is None:
+            for k, other in enumerate(data_sets):
+                if k != dataset % len(data_sets):
+                    spill = spillover_from_keywords({kk.lower().lstrip("$"): str(v) for kk, v in other.text.items()},
+                                                    channels)
+                    if spill is not None:
+                        notes.append(f"spillover keywords taken from data set {k} of the file")
+                        break
+    except ValueError as exc:
+        notes.append(f"spillover keywords ignored: {exc}")
+        spill = None
     return FlowSample(
         path=path, events=events, channels=channels, markers=markers, keywords=text, version=version,
         dataset=dataset % len(data_sets), n_datasets=len(data_sets), log_decoded=decoded, ranges=ranges,
-        notes=notes,
+        spillover=spill, notes=notes,
     )

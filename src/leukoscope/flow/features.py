@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from leukoscope.flow.compensation import compensate, spillover_from_keywords
+from leukoscope.flow.compensation import compensate
 from leukoscope.flow.data import FlowCase
 from leukoscope.flow.fcs import FCSReadError, FlowSample, match_channels, read_fcs
 from leukoscope.flow.transforms import arcsinh, logicle
@@ -101,10 +101,9 @@ def sample_matrix(sample: FlowSample, spec: FeatureSpec) -> np.ndarray:
                          source=sample.path)
     events = sample.events
     if spec.compensation == "file":
-        spill = spillover_from_keywords(sample.keywords, sample.channels)
-        if spill is None:
+        if sample.spillover is None:
             raise FCSReadError(sample.path, "compensation='file' but the file has no $SPILLOVER or $DFCiTOj keywords")
-        events = compensate(events, sample.channels, spill)
+        events = compensate(events, sample.channels, sample.spillover)
     x = events[:, idx]
     if spec.max_events is not None and x.shape[0] > spec.max_events:
         rng = np.random.default_rng(spec.seed)
@@ -129,7 +128,8 @@ def case_events(case: FlowCase, spec: FeatureSpec) -> dict[int, np.ndarray]:
         elif len(spec.tubes) == 1 and len(case.files) == 1:
             path = next(iter(case.files.values()))
         else:
-            raise ValueError(f"subject {case.subject!r} has no file for tube {tube} (it has tubes {sorted(case.files)})")
+            raise ValueError(f"subject {case.subject!r} has no file for tube {tube} "
+                             f"(it has tubes {sorted(case.files)})")
         out[tube] = sample_matrix(read_fcs(path, dataset=spec.dataset), spec)
     return out
 
@@ -170,6 +170,7 @@ class Featurizer:
         if s.n_clusters == 0:
             return self
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         rng = np.random.default_rng(s.seed)
         for tube in s.tubes:
@@ -181,7 +182,8 @@ class Featurizer:
             pooled = np.concatenate(pooled)
             mean, scale = pooled.mean(0), pooled.std(0)
             scale[scale == 0] = 1.0
-            km = KMeans(n_clusters=s.n_clusters, n_init=4, random_state=s.seed).fit((pooled - mean) / scale)
+            with threadpool_limits(1):
+                km = KMeans(n_clusters=s.n_clusters, n_init=4, random_state=s.seed).fit((pooled - mean) / scale)
             # order clusters by their first coordinate so the feature names are stable across refits
             order = np.lexsort(km.cluster_centers_.T[::-1])
             self.cluster_centers[tube] = km.cluster_centers_[order]

@@ -66,6 +66,24 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Fail fast offline: huggingface_hub's own retries take over a minute to give up."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except Exception:
+        return False
+
+
 def create_backbone(name: str, pretrained: str | bool = "auto") -> tuple[nn.Module, str]:
     """A timm model without classifier (``num_classes=0``) and where its weights came from.
 
@@ -107,13 +125,17 @@ def create_backbone(name: str, pretrained: str | bool = "auto") -> tuple[nn.Modu
         except ImportError:
             log.info("package %s not installed; trying the hub", module)
     if source == "random":
-        try:
-            model = timm.create_model(name, pretrained=True)
-            source = "hub"
-        except Exception as exc:  # offline: no hub
+        reason = "the model hub cannot be reached"
+        if _hub_reachable():
+            try:
+                model = timm.create_model(name, pretrained=True)
+                source = "hub"
+            except Exception as exc:
+                reason = f"the hub download failed: {type(exc).__name__}"
+        if source == "random":
             warnings.warn(
-                f"no ImageNet weights for {name!r} (offline and no local file: {type(exc).__name__}); it starts from "
-                f"random weights. Pass pretrained=PATH with a weights file to fine-tune from ImageNet.",
+                f"no ImageNet weights for {name!r} ({reason}, and no local file given); it starts from random "
+                f"weights. Pass pretrained=PATH (a .pth or .safetensors file) to fine-tune from ImageNet.",
                 stacklevel=2,
             )
     model.reset_classifier(0)

@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 
 # Bump when any feature changes: cached vectors of another version are not reused.
 FEATURE_VERSION = 1
-DEFAULT_CACHE_DIR = Path("~/.cache/leukoscope/features")
-CACHE_ENV = "LEUKOSCOPE_FEATURE_CACHE"
+CACHE_ENV = "LEUKOSCOPE_CACHE"  # the project's cache root (shared with the CNN stem cache)
 
 _SHAPE = ("area", "perimeter", "circularity", "eccentricity", "solidity", "extent", "major_axis", "minor_axis")
 _COLOUR_CH = ("R", "G", "B", "S", "V", "L", "a", "b")
@@ -226,7 +225,8 @@ def _cache_key(path: Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR)).expanduser()
+    """``$LEUKOSCOPE_CACHE/features``, else ``~/.cache/leukoscope/features``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "leukoscope")).expanduser() / "features"
 
 
 class FeatureCache:
@@ -284,8 +284,8 @@ def extract_dataset_features(
 
     Args:
         samples: dataset samples or image paths.
-        cache_dir: where vectors are cached (default ``$LEUKOSCOPE_FEATURE_CACHE`` or ``~/.cache/leukoscope/
-            features``); reruns on unchanged files read them from there.
+        cache_dir: where vectors are cached (default ``$LEUKOSCOPE_CACHE/features``, else
+            ``~/.cache/leukoscope/features``); reruns on unchanged files read them from there.
         use_cache: ``False`` computes everything and writes nothing.
         progress: show a tqdm progress bar for the images not in the cache.
 

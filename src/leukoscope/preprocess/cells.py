@@ -64,7 +64,7 @@ class DetectConfig:
     nucleus_threshold: float = 45.0
     smooth: float = 0.04
     merge_radius: float = 0.12
-    min_area: float = 0.2
+    min_area: float = 0.45
     max_area: float = 12.0
     split_min_distance: float = 0.8
     split_min_radius: float = 0.28
@@ -97,7 +97,7 @@ class Cell:
         area: area of the cell (nucleus plus margin) in pixels.
         nucleus_area: area of the nucleus in pixels.
         score: mean nucleus score (blue minus green) inside the nucleus.
-        solidity: nucleus area over the area of its convex hull; frayed smudge cells score low.
+        solidity: area of the raw (unsmoothed) nucleus pixels over their convex hull's; frayed smudge cells score low.
         darkness: ``1 - median green of the nucleus / green of the glass``; condensed chromatin is darker.
         contour: polygon outline ``[(x, y), ...]`` of the cell.
     """
@@ -221,7 +221,9 @@ def _split_touching(mask: np.ndarray, dark: np.ndarray, cfg: DetectConfig) -> np
     big = big[big > 0]
     if len(big) == 0:
         return lab
-    region = np.isin(lab, big)
+    is_big = np.zeros(n + 1, bool)
+    is_big[big] = True
+    region = is_big[lab]
     inside = dark[mask]
     core = region & (dark > threshold_otsu(inside)) if np.ptp(inside) > 1e-3 else region
     core = cv2.morphologyEx(core.astype(np.uint8), cv2.MORPH_OPEN, _disc(0.05 * d)).astype(bool)
@@ -235,8 +237,16 @@ def _split_touching(mask: np.ndarray, dark: np.ndarray, cfg: DetectConfig) -> np
     out = lab.copy()
     # Components without a seed keep their own label.
     out[ws > 0] = ws[ws > 0] + n
-    _, inverse = np.unique(out, return_inverse=True)
-    return inverse.reshape(out.shape).astype(np.int32)
+    return _relabel(out)
+
+
+def _relabel(lab: np.ndarray) -> np.ndarray:
+    """Renumber the labels present in ``lab`` as 1..k (0 stays background), keeping their order."""
+    present = np.bincount(lab.ravel()) > 0
+    present[0] = False
+    lut = np.zeros(len(present), np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1)
+    return lut[lab]
 
 
 def _merge_lobes(ws: np.ndarray, cfg: DetectConfig) -> np.ndarray:
@@ -259,7 +269,8 @@ def _merge_lobes(ws: np.ndarray, cfg: DetectConfig) -> np.ndarray:
     pairs = set()
     for a, b in ((ws[:, :-1], ws[:, 1:]), (ws[:-1, :], ws[1:, :])):
         touch = (a != b) & (a > 0) & (b > 0)
-        pairs.update(zip(np.minimum(a[touch], b[touch]).tolist(), np.maximum(a[touch], b[touch]).tolist()))
+        pairs.update(zip(np.minimum(a[touch], b[touch]).tolist(), np.maximum(a[touch], b[touch]).tolist(),
+                         strict=True))
     parent = np.arange(n + 1)
 
     def find(i: int) -> int:
@@ -323,9 +334,10 @@ def detect_cells(rgb: np.ndarray, config: DetectConfig | None = None) -> Detecti
         remap[ok] = np.arange(1, int(ok.sum()) + 1)
         nuclei = remap[nuclei]
     cells_lab = expand_labels(nuclei, distance=cfg.cell_margin * d) if cfg.cell_margin > 0 else nuclei
-    found = _describe(cells_lab, nuclei, score, work[..., 1], scale, rgb.shape[:2])
+    # Solidity is measured on the unsmoothed, unclosed nucleus pixels: smoothing hides a smudge cell's frayed edge.
+    raw = nucleus_score(work) > cfg.nucleus_threshold
+    found = _describe(cells_lab, nuclei, score, raw, work[..., 1], scale, rgb.shape[:2])
     smudge = _smudges(found, cfg)
-    cells = [c for c, sm in zip(found, smudge) if not sm]
     order = sorted(range(len(found)), key=lambda i: (round(found[i].y), found[i].x))
     remap = np.zeros(len(found) + 1, np.int32)
     kept = [i for i in order if not smudge[i]]
@@ -352,8 +364,8 @@ def _smudges(cells: list[Cell], cfg: DetectConfig) -> list[bool]:
     return [c.solidity < cfg.smudge_max_solidity and c.darkness < cfg.smudge_darkness * ref for c in cells]
 
 
-def _describe(cells_lab: np.ndarray, nuclei: np.ndarray, score: np.ndarray, green: np.ndarray, scale: float,
-              shape: tuple[int, int]) -> list[Cell]:
+def _describe(cells_lab: np.ndarray, nuclei: np.ndarray, score: np.ndarray, raw: np.ndarray, green: np.ndarray,
+              scale: float, shape: tuple[int, int]) -> list[Cell]:
     n = int(cells_lab.max())
     if n == 0:
         return []
@@ -364,8 +376,6 @@ def _describe(cells_lab: np.ndarray, nuclei: np.ndarray, score: np.ndarray, gree
     nuc_areas = np.bincount(nuclei.ravel(), minlength=n + 1)[1:]
     means = ndi.mean(score, nuclei, index=idx)
     glass = float(np.percentile(green, 95)) or 1.0
-    med_green = ndi.median(green.astype(np.float32), nuclei, index=idx)
-    nuc_objects = ndi.find_objects(nuclei, max_label=n)
     out = []
     for i, sl in enumerate(ndi.find_objects(cells_lab)):
         if sl is None:
@@ -384,10 +394,10 @@ def _describe(cells_lab: np.ndarray, nuclei: np.ndarray, score: np.ndarray, gree
             # Pixel centres: +0.5 in the working image, then back to original pixels.
             contour = [(round((px + xs.start + 0.5) / scale, 1), round((py + ys.start + 0.5) / scale, 1))
                        for px, py in c]
-        solidity = 0.0
-        if nuc_objects[i] is not None:
-            nuc = nuclei[nuc_objects[i]] == i + 1
-            solidity = float(nuc.sum()) / max(float(convex_hull_image(nuc).sum()), 1.0)
+        in_nucleus = nuclei[sl] == i + 1
+        med_green = float(np.median(green[sl][in_nucleus])) if in_nucleus.any() else glass
+        nuc = (cells_lab[sl] == i + 1) & raw[sl]
+        solidity = float(nuc.sum()) / max(float(convex_hull_image(nuc).sum()), 1.0) if nuc.any() else 0.0
         cy, cx = com[i]
         out.append(Cell(
             x=round(float((cx + 0.5) / scale - 0.5), 1),
@@ -397,7 +407,7 @@ def _describe(cells_lab: np.ndarray, nuclei: np.ndarray, score: np.ndarray, gree
             nucleus_area=round(float(nuc_areas[i] / scale**2), 1),
             score=round(float(means[i]), 2),
             solidity=round(min(solidity, 1.0), 3),
-            darkness=round(float(1.0 - med_green[i] / glass), 3),
+            darkness=round(1.0 - med_green / glass, 3),
             contour=contour,
         ))
     return out

@@ -249,7 +249,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             log.info("early stop at epoch %d (no val-loss improvement for %d epochs)", epoch, cfg.patience)
             break
 
+    ddp_info = {}
     if world > 1:
+        # every rank reports a checksum of its final weights: DDP must have kept them identical
+        local = torch.tensor([float(sum(p.double().sum() for p in trainable.parameters()))], dtype=torch.float64)
+        sums = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(sums, local)
+        ddp_info = {"world_size": world, "backend": dist.get_backend(),
+                    "final_weight_checksums": [float(x.item()) for x in sums]}
         dist.barrier()
     best = torch.load(str(ckpt_dir / "best.pt"), map_location="cpu", weights_only=True)
     trainable.load_state_dict(best["model"])
@@ -276,6 +283,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                                "epochs_run": len(history), "best_epoch": int(best["epoch"]),
                                "unreadable": [{"path": p, "reason": r} for p, r in failures],
                                "seconds": info["trained_seconds"]}
+        if ddp_info:
+            metrics["training"]["ddp"] = ddp_info
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
         write_card(out, cfg, ds, split, info, metrics)
     return FitResult(out, metrics, history)

@@ -1,0 +1,100 @@
+"""Accuracy targets of the shipped CNN models (issue 3), measured from the shipped weights on held-out groups.
+
+    .venv/bin/python benchmarks/cnn_targets.py                # held-out test groups of each shipped model
+    .venv/bin/python benchmarks/cnn_targets.py --idb2-kfold 5 # + ALL-IDB2 source-field k-fold with the recipe
+
+Targets: leukemia-cell on held-out aria groups AUC >= 0.995, sensitivity and specificity >= 0.97; all_idb2 accuracy
+>= 0.98 in group (source field) k-fold; all-subtype accuracy >= 0.97 on held-out aria groups.
+The k-fold retrains the leukemia-cell recipe K times: fold k of ALL-IDB2 is the test set, the other folds plus all of
+aria and cnmc2019 (split by group into train / val) are trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from leukoscope.evaluate.run import evaluate_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def held_out() -> list[dict]:
+    rows = []
+    for model, dataset, target in [("leukemia-cell", "aria", "auc"), ("leukemia-cell", "all_idb2", None),
+                                   ("leukemia-cell", "cnmc2019", None), ("all-subtype", "aria", "accuracy")]:
+        r = evaluate_model(model, dataset, "test")
+        m = r["per_image"]
+        b = m.get("binary", {})
+        rows.append({"model": model, "dataset": dataset, "n": m["n"], "accuracy": m["accuracy"], "auc": m["auc"],
+                     "auc_ci": [m["auc_ci_low"], m["auc_ci_high"]], "sensitivity": b.get("sensitivity"),
+                     "specificity": b.get("specificity"), "macro_f1": m["macro"]["f1"]})
+    return rows
+
+
+def idb2_kfold(k: int) -> dict:
+    from leukoscope.config import make_config
+    from leukoscope.data.datasets import combine, load_dataset
+    from leukoscope.data.splits import Split, group_kfold, group_split
+    from leukoscope.train.trainer import train
+
+    cfg = make_config(file=ROOT / "configs" / "leukemia-cell.yaml")
+    parts = [load_dataset(n, target="binary") for n in cfg.datasets]
+    both = combine(parts, name="+".join(cfg.datasets))
+    idb2 = next(p for p in parts if p.name == "all_idb2")
+    others = combine([p for p in parts if p.name != "all_idb2"], name="others")
+    folds = group_kfold(idb2, k, seed=0)
+    rest = group_split(others, test_size=0.15, val_size=0.0, seed=0)  # 'test' of this split serves as validation
+    rel = {str(s.path): both.relpath(s) for s in both.samples}
+    per_fold, y_all, p_all = [], [], []
+    for i in range(k):
+        test = [rel[str(idb2.root / p)] for p in folds.parts[f"fold{i}"]]
+        train_idb2 = [rel[str(idb2.root / p)] for j in range(k) if j != i for p in folds.parts[f"fold{j}"]]
+        train_o = [rel[str(others.root / p)] for p in rest.parts["train"]]
+        val_o = [rel[str(others.root / p)] for p in rest.parts["test"]]
+        split = Split(both.name, "binary", "holdout", 0, {"train": train_o + train_idb2, "val": val_o, "test": test})
+        with tempfile.TemporaryDirectory() as tmp:
+            sp = split.save(Path(tmp) / "split.json")
+            t0 = time.time()
+            res = train(dataclasses.replace(cfg, split=str(sp)), Path(tmp) / "m", progress=False)
+            src = res.metrics["per_source"]["all_idb2"] if "per_source" in res.metrics else res.metrics["per_image"]
+            per_fold.append({"fold": i, "n": src["n"], "accuracy": src["accuracy"], "seconds": round(time.time() - t0)})
+            print(f"fold {i}: accuracy {src['accuracy']:.4f} on {src['n']} crops", flush=True)
+    acc = [f["accuracy"] for f in per_fold]
+    n = [f["n"] for f in per_fold]
+    return {"folds": per_fold, "accuracy_pooled": float(np.average(acc, weights=n)), "accuracy_mean": float(np.mean(acc)),
+            "accuracy_std": float(np.std(acc))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--idb2-kfold", type=int, default=0, help="also run the ALL-IDB2 group k-fold with K folds")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cnn_targets.json"))
+    args = ap.parse_args()
+    out: dict = {"held_out": held_out()}
+    print("| model | dataset (held-out test groups) | n | accuracy | AUC (95% CI) | sensitivity | specificity |")
+    print("|---|---|---|---|---|---|---|")
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{v:.4f}"
+
+    for r in out["held_out"]:
+        print(f"| {r['model']} | {r['dataset']} | {r['n']} | {f(r['accuracy'])} | {f(r['auc'])} "
+              f"({f(r['auc_ci'][0])}-{f(r['auc_ci'][1])}) | {f(r['sensitivity'])} | {f(r['specificity'])} |")
+    if args.idb2_kfold:
+        out["all_idb2_kfold"] = idb2_kfold(args.idb2_kfold)
+        kf = out["all_idb2_kfold"]
+        print(f"\nALL-IDB2 source-field {args.idb2_kfold}-fold accuracy: pooled {kf['accuracy_pooled']:.4f} "
+              f"(mean {kf['accuracy_mean']:.4f} +- {kf['accuracy_std']:.4f}); target >= 0.98")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

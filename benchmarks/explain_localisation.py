@@ -1,0 +1,258 @@
+"""Do the heatmaps look at the right place, and are they faithful to the model? One table per question.
+
+1. C-NMC 2019 single cells on black: share of heatmap mass inside the cell (mask = the non-black region, holes
+   filled) and how often the peak lies on it. Target: mass share >= 0.9. When the model directory holds a
+   ``split.json`` that names C-NMC images, only its ``test`` part (held-out subjects) is used.
+2. ALL-IDB1 fields with expert white-cell masks (5 fields, 63 blasts): (a) a 257 x 257 window centred on each blast
+   centroid (clamped inside the field; the ALL-IDB2 crop size); (b) the field tiled into 257 x 257 windows, keeping
+   those with >= 2 % white-cell pixels. Reported: how often the peak falls inside a white cell, against chance
+   (the white-cell share of the window), and the heat mass inside white cells.
+3. Faithfulness on the C-NMC images: deletion AUC (remove the hottest pixels first, to black; lower is better) and
+   insertion AUC (restore them first into a blurred image; higher is better) of the calibrated probability of the
+   explained (predicted) class, for every method and for a random map as smooth as a 7 x 7 CAM. A method beats the
+   baseline when its mean deletion is lower and its mean insertion higher; ``win`` is the share of images where
+   insertion - deletion is larger than the random map's.
+
+    nice -n 10 python benchmarks/explain_localisation.py                        # leukemia-cell, all methods
+    python benchmarks/explain_localisation.py --model /path/to/model --methods gradcam occlusion --n-cells 20
+
+Writes benchmarks/results/explain_localisation_<model name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from leukoscope.data.datasets import load_dataset
+from leukoscope.data.images import read_image
+from leukoscope.explain import METHODS, gradcam_array
+from leukoscope.explain.faithfulness import deletion_insertion, model_score_fn, random_map
+from leukoscope.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WINDOW = 257
+SLOW = {"scorecam"}
+
+
+def cell_mask(rgb: np.ndarray) -> np.ndarray:
+    """The non-black region of a C-NMC image, holes filled (dark chromatin inside a nucleus is still the cell)."""
+    fg = rgb.max(axis=2) > 15
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    return ndimage.binary_fill_holes(fg)
+
+
+def heldout_names(model_path: Path) -> set[str] | None:
+    split = model_path / "split.json"
+    if not split.exists():
+        return None
+    parts = json.loads(split.read_text()).get("parts", {})
+    seen = [Path(p).name for part in parts.values() for p in part]
+    if not any(n.startswith("UID_") for n in seen):
+        return None  # the model never saw C-NMC 2019
+    return {Path(p).name for p in parts.get("test", [])}
+
+
+def windows_around(points: list[tuple[int, int]], w: int, h: int) -> list[tuple[int, int]]:
+    out = []
+    for x, y in points:
+        x0 = int(np.clip(x - WINDOW // 2, 0, w - WINDOW))
+        y0 = int(np.clip(y - WINDOW // 2, 0, h - WINDOW))
+        out.append((x0, y0))
+    return out
+
+
+def tiles(w: int, h: int) -> list[tuple[int, int]]:
+    xs = list(range(0, w - WINDOW + 1, WINDOW))
+    ys = list(range(0, h - WINDOW + 1, WINDOW))
+    if xs[-1] + WINDOW < w:
+        xs.append(w - WINDOW)
+    if ys[-1] + WINDOW < h:
+        ys.append(h - WINDOW)
+    return [(x, y) for y in ys for x in xs]
+
+
+def peak_in(heat: np.ndarray, mask: np.ndarray) -> bool:
+    return bool(mask[np.unravel_index(int(np.argmax(heat)), heat.shape)])
+
+
+def mass_in(heat: np.ndarray, mask: np.ndarray) -> float:
+    total = float(heat.sum())
+    return float(heat[mask].sum()) / total if total > 0 else float("nan")
+
+
+def summary(values: list[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    a = a[~np.isnan(a)]
+    if not len(a):
+        return {"mean": float("nan"), "median": float("nan"), "n": 0}
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "q10": float(np.quantile(a, 0.1)), "n": int(len(a))}
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    methods = args.methods or METHODS.names()
+    data_root = Path(args.data_root) if args.data_root else None
+    result: dict = {"model": model.name, "model_path": str(model.path), "backend": model.backend,
+                    "target_layer": model.target_layer, "methods": methods, "python": platform.python_version(),
+                    "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+
+    # ---- 1. C-NMC 2019 cells ------------------------------------------------------------------------------------
+    cnmc = load_dataset("cnmc2019", root=data_root / "cnmc2019" if data_root else None)
+    held = heldout_names(model.path)
+    samples = [s for s in cnmc.samples if held is None or s.path.name in held]
+    step = max(1, len(samples) // args.n_cells)
+    samples = samples[::step][:args.n_cells]
+    result["cnmc"] = {"images": len(samples), "selection": "held-out test part of the model's split" if held is not None
+                      else "all (the model never saw C-NMC 2019)", "every_kth": step}
+    per: dict[str, dict[str, list]] = {m: {"mass": [], "peak": [], "del": [], "ins": [], "sec": [], "win": []}
+                                       for m in [*methods, "random"]}
+    size = model.input_size
+    for i, s in enumerate(samples):
+        rgb = read_image(s.path)
+        mask = cell_mask(rgb)
+        k = int(model.predict_arrays([rgb])[0].argmax())
+        prepared = model.preprocess.prepare(rgb)
+        score = model_score_fn(model, k)
+        rnd = random_map(size, seed=i)
+        rnd_full = cv2.resize(rnd, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        base = deletion_insertion(score, prepared, rnd, steps=args.steps, seed=i)
+        per["random"]["mass"].append(mass_in(rnd_full, mask))
+        per["random"]["peak"].append(peak_in(rnd_full, mask))
+        per["random"]["del"].append(base["deletion"])
+        per["random"]["ins"].append(base["insertion"])
+        for m in methods:
+            if m in SLOW and i >= args.n_slow:
+                continue
+            t = time.perf_counter()
+            heat = gradcam_array(model, rgb, target_class=k, method=m)
+            per[m]["sec"].append(time.perf_counter() - t)
+            per[m]["mass"].append(mass_in(heat, mask))
+            per[m]["peak"].append(peak_in(heat, mask))
+            small = cv2.resize(heat, (size, size), interpolation=cv2.INTER_AREA)
+            f = deletion_insertion(score, prepared, small, steps=args.steps, seed=i)
+            per[m]["del"].append(f["deletion"])
+            per[m]["ins"].append(f["insertion"])
+            per[m]["win"].append(f["insertion"] - f["deletion"] > base["insertion"] - base["deletion"])
+        print(f"  cnmc {i + 1}/{len(samples)}", end="\r", flush=True)
+    result["cnmc"]["cell_area_fraction"] = summary([float(cell_mask(read_image(s.path)).mean()) for s in samples])
+    result["cnmc"]["methods"] = {
+        m: {"mass_in_cell": summary(v["mass"]), "peak_in_cell": float(np.mean(v["peak"])) if v["peak"] else None,
+            "deletion_auc": summary(v["del"]), "insertion_auc": summary(v["ins"]),
+            "win_vs_random": float(np.mean(v["win"])) if v["win"] else None,
+            "seconds_per_image_median": float(np.median(v["sec"])) if v["sec"] else None, "n": len(v["mass"])}
+        for m, v in per.items()}
+    rnd_del, rnd_ins = np.mean(per["random"]["del"]), np.mean(per["random"]["ins"])
+    for m in methods:
+        r = result["cnmc"]["methods"][m]
+        # the random baseline over the same images as the method (Score-CAM runs on fewer)
+        n = r["n"]
+        rd, ri = np.mean(per["random"]["del"][:n]), np.mean(per["random"]["ins"][:n])
+        r["random_deletion_same_images"], r["random_insertion_same_images"] = float(rd), float(ri)
+        r["beats_random"] = bool(r["deletion_auc"]["mean"] < rd and r["insertion_auc"]["mean"] > ri)
+    result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins)}
+
+    # ---- 2. ALL-IDB1 fields with white-cell masks --------------------------------------------------------------
+    idb = load_dataset("all_idb1", root=data_root / "all_idb" if data_root else None)
+    fields = [s for s in idb.samples if s.meta.get("wbc_mask") is not None]
+    field_res: dict[str, dict[str, list]] = {kind: {m: [] for m in [*methods, "chance", "mass"]}
+                                             for kind in ("blast_windows", "tiles")}
+    masses: dict[str, dict[str, list]] = {kind: {m: [] for m in methods} for kind in ("blast_windows", "tiles")}
+    n_blasts = 0
+    for s in fields:
+        rgb = read_image(s.path)
+        wbc = np.asarray(Image.open(s.meta["wbc_mask"]).convert("L")) > 0
+        h, w = wbc.shape
+        if rgb.shape[:2] != (h, w):
+            raise ValueError(f"mask {wbc.shape} and field {rgb.shape[:2]} differ: {s.path}")
+        n_blasts += len(s.meta["blasts"])
+        jobs = {"blast_windows": windows_around(s.meta["blasts"], w, h),
+                "tiles": [t for t in tiles(w, h) if wbc[t[1]:t[1] + WINDOW, t[0]:t[0] + WINDOW].mean() >= 0.02]}
+        for kind, wins in jobs.items():
+            for j, (x0, y0) in enumerate(wins):
+                crop = np.ascontiguousarray(rgb[y0:y0 + WINDOW, x0:x0 + WINDOW])
+                m_crop = wbc[y0:y0 + WINDOW, x0:x0 + WINDOW]
+                field_res[kind]["chance"].append(float(m_crop.mean()))
+                for m in methods:
+                    if m in SLOW and j >= max(1, args.n_slow // len(fields)):
+                        continue
+                    heat = gradcam_array(model, crop, method=m)
+                    field_res[kind][m].append(peak_in(heat, m_crop))
+                    masses[kind][m].append(mass_in(heat, m_crop))
+        print(f"  field {s.path.stem} done      ", end="\r", flush=True)
+    result["all_idb1"] = {"fields": [s.path.stem for s in fields], "blasts": n_blasts, "window": WINDOW}
+    for kind in ("blast_windows", "tiles"):
+        r = {"windows": len(field_res[kind]["chance"]),
+             "chance_peak_in_wbc": float(np.mean(field_res[kind]["chance"]))}
+        for m in methods:
+            v = field_res[kind][m]
+            r[m] = {"peak_in_wbc": float(np.mean(v)) if v else None, "n": len(v),
+                    "mass_in_wbc": summary(masses[kind][m])}
+        result["all_idb1"][kind] = r
+    return result
+
+
+def table(res: dict) -> str:
+    c = res["cnmc"]
+    lines = [f"model {res['model']} ({res['model_path']}, backend {res['backend']}, "
+             f"target layer {res['target_layer']})",
+             "",
+             f"C-NMC 2019: {c['images']} images ({c['selection']}); cell covers "
+             f"{c['cell_area_fraction']['mean']:.2f} of the image on average",
+             "| method | n | mass in cell (mean / median / q10) | peak on cell | deletion AUC (lower) | "
+             "insertion AUC (higher) | beats random | win rate | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in c["methods"].items():
+        mass = r["mass_in_cell"]
+        extra = ("—", "—", "—") if m == "random" else (
+            "yes" if r["beats_random"] else "NO", f"{r['win_vs_random']:.2f}", f"{r['seconds_per_image_median']:.2f}")
+        q10 = mass.get("q10", float("nan"))
+        lines.append(f"| {m} | {r['n']} | {mass['mean']:.3f} / {mass['median']:.3f} / {q10:.3f}"
+                     f" | {r['peak_in_cell']:.2f} | {r['deletion_auc']['mean']:.3f} | {r['insertion_auc']['mean']:.3f}"
+                     f" | {extra[0]} | {extra[1]} | {extra[2]} |")
+    a = res["all_idb1"]
+    lines += ["", f"ALL-IDB1: fields {', '.join(a['fields'])} ({a['blasts']} blasts), {a['window']}x{a['window']} "
+                  "windows; peak inside a white cell (mass inside white cells)"]
+    methods = [m for m in c["methods"] if m != "random"]
+    lines += ["| windows | n | chance | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for kind, title in (("blast_windows", "centred on blasts"), ("tiles", "tiles with >= 2% WBC")):
+        r = a[kind]
+        cells = [f"{r[m]['peak_in_wbc']:.2f} ({r[m]['mass_in_wbc']['mean']:.2f}; n={r[m]['n']})" for m in methods]
+        lines.append(f"| {title} | {r['windows']} | {r['chance_peak_in_wbc']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="leukemia-cell")
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--n-cells", type=int, default=60, help="C-NMC images (evenly spaced over the selection)")
+    p.add_argument("--n-slow", type=int, default=10, help="images for Score-CAM (one forward pass per channel)")
+    p.add_argument("--steps", type=int, default=16, help="points on the deletion / insertion curves, minus one")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    t = time.time()
+    res = run(args)
+    res["wall_seconds"] = time.time() - t
+    out = Path(args.out) if args.out else RESULTS / f"explain_localisation_{res['model']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(" " * 40)
+    print(table(res))
+    print(f"\nwrote {out} ({res['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""`leukoscope predict` throughput and peak memory on a folder of 500 cell images, side by side with a plain eager
+PyTorch loop over the same images, in one run.
+
+    .venv/bin/python benchmarks/predict_speed.py [--model leukemia-cell] [--n 500] [--repeats 3]
+
+Targets (issue 3): >= 100 images/s at 224 px on 2 CPU cores after start-up, >= 5x the eager loop, peak RSS <= 1.5 GB.
+Each variant runs in its own process (so its peak memory is its own); medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+from leukoscope.models import load_model
+from leukoscope.predict import predict_files
+from leukoscope.data.images import read_image
+from pathlib import Path
+variant, model_name, listing, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+paths = [Path(p) for p in Path(listing).read_text().split("\n") if p]
+torch.set_num_threads(2)
+if variant == "leukoscope":
+    model = load_model(model_name)                      # ONNX Runtime when installed
+    predict_files(model, paths[:32])                    # warm-up (start-up excluded)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter(); preds, failed = predict_files(model, paths); times.append(time.perf_counter() - t)
+    backend = model.backend
+else:  # the baseline: read, preprocess and run the model one image at a time in eager PyTorch
+    model = load_model(model_name, backend="torch")
+    net, pre = model.module, model.preprocess
+    with torch.inference_mode():
+        net(torch.from_numpy(pre(read_image(paths[0])))[None])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for p in paths:
+                net(torch.from_numpy(pre(read_image(p)))[None]).softmax(1)
+        times.append(time.perf_counter() - t)
+    backend = "torch eager, batch 1"
+import resource
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"variant": variant, "backend": backend, "n": len(paths), "seconds": times, "peak_rss_mb": peak}))
+"""
+
+
+def run(variant: str, model: str, listing: Path, repeats: int) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, variant, model, str(listing), str(repeats)],
+                         capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["peak_rss_mb"] = round(out["peak_rss_mb"], 1)  # the child's own peak (whole process, start-up included)
+    secs = sorted(out["seconds"])
+    out["median_images_per_s"] = round(out["n"] / secs[len(secs) // 2], 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="leukemia-cell")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
+    args = ap.parse_args()
+    from leukoscope.data.datasets import load_dataset
+
+    # 500 single-cell images of mixed sizes: DeepAPL JPEGs (360x363), resized to 224 px by the model's preprocessing
+    samples = [s for s in load_dataset("deepapl").samples if "SMU_15364290" not in s.path.name
+               and "BL_6611696" not in s.path.name][: args.n]
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "paths.txt"
+        listing.write_text("\n".join(str(s.path) for s in samples))
+        base = run("eager", args.model, listing, args.repeats)
+        fast = run("leukoscope", args.model, listing, args.repeats)
+    ratio = fast["median_images_per_s"] / base["median_images_per_s"]
+    rows = [("leukoscope predict", fast), ("eager PyTorch loop", base)]
+    print(f"{len(samples)} images, model {args.model}, median of {args.repeats} runs after start-up\n")
+    print("| variant | backend | images/s (median) | peak RSS MB |")
+    print("|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['backend']} | {r['median_images_per_s']} | {r['peak_rss_mb']} |")
+    print(f"\nspeed-up: {ratio:.1f}x  (targets: >= 100 images/s, >= 5x, peak RSS <= 1536 MB)")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"leukoscope": fast, "eager": base, "speedup": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""``leukoscope scan FIELD... [--model M] --out DIR``: find, classify and mark the white cells of whole smear fields.
+
+For each field writes ``<stem>.json`` (cells with centroid, box, area, label, confidence, ``p_<class>``; field
+totals), ``<stem>.overlay.png`` (boxes coloured by class and confidence, Grad-CAM on abnormal cells) and
+``<stem>.geojson`` (QuPath detections with classifications).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("scan", help="find and classify every white cell in whole smear fields")
+    p.add_argument("fields", nargs="+", metavar="FIELD", help="field images, folders (searched recursively) or globs")
+    p.add_argument("--model", default=None, help="shipped model name or model directory (default: leukemia-cell)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the JSON, overlay and GeoJSON files")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="a cell is abnormal when its probability of abnormal classes reaches this (default 0.5)")
+    p.add_argument("--normal-class", action="append", default=None, metavar="NAME",
+                   help="a class of the model that is not abnormal (repeatable; default: healthy/normal/hem/...)")
+    p.add_argument("--crop-rbc", type=float, default=3.6, metavar="N",
+                   help="side of each cell crop in red-cell diameters (default 3.6, like ALL-IDB2 crops)")
+    p.add_argument("--rbc-diameter", type=float, default=None, metavar="PX",
+                   help="red-cell diameter in pixels, if known (default: measured in each field)")
+    p.add_argument("--no-gradcam", action="store_true", help="do not draw Grad-CAM on abnormal cells")
+    p.add_argument("--no-overlay", action="store_true", help="write only the JSON and GeoJSON files")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from leukoscope.data.images import read_image
+    from leukoscope.errors import ImageReadError
+    from leukoscope.models import load_model
+    from leukoscope.predict import collect_paths
+    from leukoscope.scan import ScanConfig, scan_field, with_detect, write_outputs
+
+    cfg = ScanConfig(crop_rbc_diameters=args.crop_rbc, abnormal_threshold=args.threshold,
+                     normal_classes=tuple(args.normal_class or ()), gradcam=not args.no_gradcam)
+    if args.rbc_diameter is not None:
+        cfg = with_detect(cfg, rbc_diameter=args.rbc_diameter)
+    paths, problems = collect_paths(args.fields)
+    model = load_model(args.model, backend=args.backend)
+    used: set[str] = set()
+    for path in paths:
+        try:
+            rgb = read_image(path)
+        except ImageReadError as exc:
+            problems.append((str(path), exc.reason))
+            continue
+        stem = path.stem
+        n = 1
+        while stem in used:  # two fields with one name from different folders
+            n += 1
+            stem = f"{path.stem}-{n}"
+        used.add(stem)
+        result = scan_field(rgb, model, cfg)
+        write_outputs(result, rgb, args.out, stem, source=str(path), overlay=not args.no_overlay)
+        share = "n/a" if result.abnormal_share is None else f"{result.abnormal_share:.1%}"
+        print(f"{path}: {result.n_white_cells} white cells, {result.n_abnormal} abnormal ({share}) -> "
+              f"{args.out}/{stem}.json")
+    for item, reason in problems:
+        print(f"leukoscope scan: cannot read {item}: {reason}", file=sys.stderr)
+    return 1 if problems else 0

@@ -1,0 +1,381 @@
+"""Whole smear fields: find every white cell, classify it, mark the abnormal ones.
+
+    from leukoscope.scan import scan_field, write_outputs
+    result = scan_field(rgb, model)             # model: anything with .classes, .input_size, .predict_arrays
+    write_outputs(result, rgb, "out/", "Im001_1")  # Im001_1.json, Im001_1.overlay.png, Im001_1.geojson
+
+Pipeline: :func:`leukoscope.preprocess.cells.detect_cells` finds the white cells; each is cut out as a square crop of
+:attr:`ScanConfig.crop_rbc_diameters` red-cell diameters centred on the cell (so a crop looks like an ALL-IDB2
+training image whatever the field's magnification: 257 px around a cell of a 1712 x 1368 ALL-IDB1 field, where a
+red cell measures ~70 px, is ~3.6 red-cell diameters), resized to the model's input size and classified. A cell is
+*abnormal* when the probability of the model's non-normal classes reaches :attr:`ScanConfig.abnormal_threshold`.
+Field totals come only from the cells found, never from the image size or magnification.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from leukoscope.preprocess.cells import Cell, DetectConfig, detect_cells
+from leukoscope.preprocess.segment import check_rgb
+
+# Class names that mean "not abnormal" (a cell that is no blast / from a healthy person). Any other class of the
+# model counts as abnormal unless ScanConfig.normal_classes says otherwise.
+NORMAL_CLASS_NAMES = ("healthy", "normal", "hem", "benign", "non-blast", "non_blast", "no_blast", "negative")
+
+# Box colours (RGB) of the overlay and of QuPath classifications.
+NORMAL_COLOUR = (40, 170, 60)
+ABNORMAL_COLOUR = (220, 30, 30)
+_OTHER_COLOURS = ((30, 110, 230), (240, 150, 20), (150, 60, 200), (0, 170, 170), (120, 120, 120))
+
+
+class Classifier(Protocol):
+    """What :func:`scan_field` needs from a model (``leukoscope.models.load_model`` returns one)."""
+
+    classes: Sequence[str]
+    input_size: int
+
+    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Parameters of :func:`scan_field`.
+
+    Attributes:
+        detect: white-cell detection settings.
+        crop_rbc_diameters: side of the square crop handed to the classifier, in red-cell diameters.
+        abnormal_threshold: a cell is abnormal when its summed probability of abnormal classes reaches this.
+        normal_classes: the model's classes that are not abnormal; empty = those named in ``NORMAL_CLASS_NAMES``.
+        gradcam: draw Grad-CAM on the abnormal cells of the overlay (needs a model with Grad-CAM support).
+        max_gradcam: at most this many abnormal cells (the most confident) get a Grad-CAM.
+        batch_size: crops per classifier call.
+    """
+
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    crop_rbc_diameters: float = 3.6
+    abnormal_threshold: float = 0.5
+    normal_classes: tuple[str, ...] = ()
+    gradcam: bool = True
+    max_gradcam: int = 25
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.abnormal_threshold <= 1.0:
+            raise ValueError(f"abnormal_threshold must be in [0, 1], got {self.abnormal_threshold}")
+        if self.crop_rbc_diameters <= 0:
+            raise ValueError(f"crop_rbc_diameters must be positive, got {self.crop_rbc_diameters}")
+
+
+@dataclass
+class ScannedCell:
+    """One white cell with its classification. Coordinates are pixels of the original field."""
+
+    cell: Cell
+    label: str
+    confidence: float
+    proba: dict[str, float]
+    p_abnormal: float
+    abnormal: bool
+    crop_box: tuple[int, int, int, int]
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.cell
+        d: dict[str, Any] = {
+            "x": c.x, "y": c.y, "bbox": list(c.bbox), "area": c.area, "nucleus_area": c.nucleus_area,
+            "label": self.label, "confidence": round(self.confidence, 4), "abnormal": self.abnormal,
+            "p_abnormal": round(self.p_abnormal, 4),
+        }
+        d.update({f"p_{k}": round(v, 4) for k, v in self.proba.items()})
+        d["crop_box"] = list(self.crop_box)
+        d["gradcam"] = self.heatmap is not None
+        return d
+
+
+@dataclass
+class FieldResult:
+    """Everything :func:`scan_field` found in one field."""
+
+    cells: list[ScannedCell]
+    classes: list[str]
+    abnormal_classes: list[str]
+    rbc_diameter: float
+    image_size: tuple[int, int]
+    smudges: list[Cell]
+    config: ScanConfig
+    model_name: str = ""
+    gradcam_note: str = ""
+
+    @property
+    def n_white_cells(self) -> int:
+        return len(self.cells)
+
+    @property
+    def n_abnormal(self) -> int:
+        return sum(c.abnormal for c in self.cells)
+
+    @property
+    def abnormal_share(self) -> float | None:
+        return self.n_abnormal / self.n_white_cells if self.cells else None
+
+    def to_dict(self, source: str = "") -> dict[str, Any]:
+        w, h = self.image_size
+        return {
+            "source": source,
+            "image_width": w,
+            "image_height": h,
+            "model": self.model_name,
+            "classes": self.classes,
+            "abnormal_classes": self.abnormal_classes,
+            "abnormal_threshold": self.config.abnormal_threshold,
+            "rbc_diameter_px": round(self.rbc_diameter, 2),
+            "white_cells": self.n_white_cells,
+            "abnormal_cells": self.n_abnormal,
+            "abnormal_share": None if self.abnormal_share is None else round(self.abnormal_share, 4),
+            "label_counts": {k: sum(c.label == k for c in self.cells) for k in self.classes},
+            "smudge_cells": len(self.smudges),
+            "gradcam": self.gradcam_note,
+            "cells": [c.to_dict() for c in self.cells],
+            "detection": asdict(self.config.detect) | {"crop_rbc_diameters": self.config.crop_rbc_diameters},
+        }
+
+
+def abnormal_class_names(classes: Sequence[str], normal: Sequence[str] = ()) -> list[str]:
+    """The classes that count as abnormal: every class not in ``normal`` (default: not in NORMAL_CLASS_NAMES)."""
+    classes = list(classes)
+    if normal:
+        unknown = [n for n in normal if n not in classes]
+        if unknown:
+            raise ValueError(f"normal class(es) {unknown} are not classes of the model; its classes: {classes}")
+        normal_set = set(normal)
+    else:
+        normal_set = {c for c in classes if c.lower() in NORMAL_CLASS_NAMES}
+        if not normal_set:
+            raise ValueError(f"none of the model's classes {classes} is a known normal class "
+                             f"{list(NORMAL_CLASS_NAMES)}; say which are normal (--normal-class NAME)")
+    abnormal = [c for c in classes if c not in normal_set]
+    if not abnormal:
+        raise ValueError(f"every class of the model {classes} is normal; nothing could be flagged abnormal")
+    return abnormal
+
+
+def crop_cell(rgb: np.ndarray, x: float, y: float, side: float) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A square ``side`` x ``side`` crop centred on ``(x, y)``; parts outside the field are filled by reflection
+    (like an ALL-IDB2 crop at the field border, the cell stays centred).
+
+    Returns:
+        (crop, (x0, y0, x1, y1)) with the box in field pixels, clipped to the field.
+    """
+    h, w = rgb.shape[:2]
+    s = max(2, int(round(side)))
+    x0 = int(np.floor(x + 0.5)) - s // 2  # the cell's pixel sits at index s // 2 of the crop
+    y0 = int(np.floor(y + 0.5)) - s // 2
+    x1, y1 = x0 + s, y0 + s
+    pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)), (0, 0))
+    crop = rgb[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+    if any(p for pair in pad[:2] for p in pair):
+        mode = "reflect" if min(crop.shape[:2]) > max(max(pad[0]), max(pad[1])) else "edge"
+        crop = np.pad(crop, pad, mode=mode)
+    return np.ascontiguousarray(crop), (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "name", "") or type(model).__name__)
+
+
+def _default_explainer(model: Any) -> tuple[Callable[[np.ndarray, int], np.ndarray] | None, str]:
+    """Grad-CAM for a model loaded by :func:`leukoscope.models.load_model`; None (and why) for anything else."""
+    # A LoadedModel can only exist once its module is imported: checking sys.modules keeps torch out of scans
+    # that run another classifier.
+    modeldir = sys.modules.get("leukoscope.models.modeldir")
+    if modeldir is None or not isinstance(model, modeldir.LoadedModel):
+        return None, f"off: Grad-CAM needs a model loaded with leukoscope.models.load_model, got {type(model).__name__}"
+    from leukoscope.explain import gradcam_array
+
+    return (lambda crop, k: gradcam_array(model, crop, target_class=k)), "gradcam on abnormal cells"
+
+
+def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = None,
+               explainer: Callable[[np.ndarray, int], np.ndarray] | None = None) -> FieldResult:
+    """Find, classify and flag the white cells of one smear field.
+
+    Args:
+        rgb: the field, ``(H, W, 3)`` uint8 RGB (not modified).
+        model: any object with ``classes``, ``input_size`` and ``predict_arrays(list of RGB arrays) -> (N, C)``.
+        config: scan settings.
+        explainer: ``f(crop, class_index) -> (h, w) heat in [0, 1]`` for the abnormal cells; default Grad-CAM when
+            ``model`` is a :class:`leukoscope.models.LoadedModel`, else none.
+    """
+    cfg = config or ScanConfig()
+    check_rgb(rgb, "field")
+    classes = [str(c) for c in model.classes]
+    abnormal = abnormal_class_names(classes, cfg.normal_classes)
+    ab_idx = [classes.index(c) for c in abnormal]
+    det = detect_cells(rgb, cfg.detect)
+    side = cfg.crop_rbc_diameters * det.rbc_diameter
+    size = int(model.input_size)
+    crops, boxes = [], []
+    for c in det.cells:
+        crop, box = crop_cell(rgb, c.x, c.y, side)
+        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if crop.shape[0] > size
+                                else cv2.INTER_LINEAR))
+        boxes.append(box)
+    proba = np.zeros((0, len(classes)), np.float32)
+    if crops:
+        parts = [np.asarray(model.predict_arrays(crops[i:i + cfg.batch_size]), dtype=np.float64)
+                 for i in range(0, len(crops), cfg.batch_size)]
+        proba = np.concatenate(parts)
+        if proba.shape != (len(crops), len(classes)):
+            raise ValueError(f"model returned probabilities of shape {proba.shape} for {len(crops)} crops and "
+                             f"{len(classes)} classes")
+    cells = []
+    for c, p, box in zip(det.cells, proba, boxes, strict=True):
+        k = int(np.argmax(p))
+        p_ab = float(p[ab_idx].sum())
+        probs = {n: float(v) for n, v in zip(classes, p, strict=True)}
+        cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab, p_ab >= cfg.abnormal_threshold, box))
+    note = "off"
+    if cfg.gradcam and any(c.abnormal for c in cells):
+        if explainer is None:
+            explainer, note = _default_explainer(model)
+        else:
+            note = "gradcam on abnormal cells"
+        if explainer is not None:
+            flagged = sorted((i for i, c in enumerate(cells) if c.abnormal), key=lambda i: -cells[i].p_abnormal)
+            for i in flagged[:cfg.max_gradcam]:
+                k = max(ab_idx, key=lambda j: proba[i, j])
+                cells[i].heatmap = np.asarray(explainer(crops[i], k), dtype=np.float32)
+    h, w = rgb.shape[:2]
+    return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------------------------
+def class_colour(name: str, classes: Sequence[str], abnormal: Sequence[str]) -> tuple[int, int, int]:
+    """RGB colour of a class: green for a single normal class, red for the first abnormal class, else a palette."""
+    normal = [c for c in classes if c not in abnormal]
+    if name in normal and len(normal) == 1:
+        return NORMAL_COLOUR
+    if abnormal and name == abnormal[0]:
+        return ABNORMAL_COLOUR
+    return _OTHER_COLOURS[list(classes).index(name) % len(_OTHER_COLOURS)]
+
+
+def render_field_overlay(rgb: np.ndarray, result: FieldResult, heat_alpha: float = 0.5) -> np.ndarray:
+    """The field with every white cell boxed in its class colour (thicker and more opaque the more confident),
+    its label and confidence written above, Grad-CAM blended into the crops of the abnormal cells, and a legend.
+
+    Returns a new RGB uint8 array of the field's size; ``rgb`` is not modified.
+    """
+    out = rgb.copy()
+    d = max(result.rbc_diameter, 8.0)
+    for sc in result.cells:
+        if sc.heatmap is None:
+            continue
+        x0, y0, x1, y1 = sc.crop_box
+        side = result.config.crop_rbc_diameters * result.rbc_diameter
+        s = max(2, int(round(side)))
+        heat = cv2.resize(sc.heatmap, (s, s), interpolation=cv2.INTER_LINEAR)
+        # Crop box in crop coordinates (the crop may stick out of the field).
+        cx0 = int(np.floor(sc.cell.x + 0.5)) - s // 2
+        cy0 = int(np.floor(sc.cell.y + 0.5)) - s // 2
+        region = heat[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+        out[y0:y1, x0:x1] = _blend_heat(out[y0:y1, x0:x1], region, heat_alpha)
+    scale = max(0.4, d / 90.0)
+    for sc in result.cells:
+        colour = np.asarray(class_colour(sc.label, result.classes, result.abnormal_classes), np.float32)
+        # An unsure cell gets a thin, pale box: the colour fades towards white as the confidence falls.
+        fade = float(np.clip((sc.confidence - 0.5) / 0.5, 0.0, 1.0)) if len(result.classes) == 2 else sc.confidence
+        c = tuple(int(v) for v in np.round(colour * (0.4 + 0.6 * fade) + 255 * 0.6 * (1 - fade)))
+        x0, y0, x1, y1 = sc.cell.bbox
+        thick = max(1, int(round((1 + 3 * fade) * d / 60)))
+        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), c, thick, cv2.LINE_AA)
+        cv2.putText(out, f"{sc.label} {sc.confidence:.2f}", (x0, max(int(14 * scale), y0 - 4)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, c, max(1, int(round(scale))), cv2.LINE_AA)
+    _legend(out, result, scale)
+    return out
+
+
+def _blend_heat(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """Heat (turbo colours, as leukoscope.explain draws it) blended with an opacity growing with the heat, so cold
+    parts of the crop keep the original pixels. Kept here so that drawing an overlay does not import torch."""
+    colours = cv2.applyColorMap(np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
+    a = (alpha * np.clip(heat, 0, 1))[..., None].astype(np.float32)
+    return np.round(rgb.astype(np.float32) * (1 - a) + colours.astype(np.float32) * a).astype(np.uint8)
+
+
+def _legend(out: np.ndarray, result: FieldResult, scale: float) -> None:
+    lines = [(f"white cells {result.n_white_cells}, abnormal {result.n_abnormal}", (0, 0, 0))]
+    for k in result.classes:
+        lines.append((f"{k}: {sum(c.label == k for c in result.cells)}",
+                      class_colour(k, result.classes, result.abnormal_classes)))
+    fs = 0.5 * scale
+    th = max(1, int(round(scale)))
+    (tw, tht), _ = cv2.getTextSize(lines[0][0], cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+    pad = int(6 * scale)
+    box_h = len(lines) * (tht + pad) + pad
+    box_w = min(out.shape[1], tw + 2 * pad)
+    panel = out[:box_h, :box_w]
+    panel[:] = (0.3 * panel + 0.7 * 255).astype(np.uint8)
+    for i, (text, colour) in enumerate(lines):
+        cv2.putText(out, text, (pad, (i + 1) * (tht + pad)), cv2.FONT_HERSHEY_SIMPLEX, fs, colour, th, cv2.LINE_AA)
+
+
+def to_geojson(result: FieldResult) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection that QuPath (0.4+) imports as detections with classifications: one Polygon
+    (the cell outline, pixel coordinates of the field) per white cell, with its probabilities as measurements."""
+    features = []
+    for sc in result.cells:
+        ring = [[float(x), float(y)] for x, y in sc.cell.contour]
+        if len(ring) < 3:
+            x0, y0, x1, y1 = sc.cell.bbox
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+        ring.append(ring[0])
+        colour = class_colour(sc.label, result.classes, result.abnormal_classes)
+        measurements = {"confidence": round(sc.confidence, 4), "p_abnormal": round(sc.p_abnormal, 4),
+                        "area_px": sc.cell.area}
+        measurements.update({f"p_{k}": round(v, 4) for k, v in sc.proba.items()})
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{sc.cell.x},{sc.cell.y},{sc.cell.bbox}")),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": sc.label, "color": list(colour)},
+                "isLocked": False,
+                "measurements": measurements,
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_outputs(result: FieldResult, rgb: np.ndarray, out_dir: str | Path, stem: str, source: str = "",
+                  overlay: bool = True) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.geojson`` and (unless ``overlay`` is False) ``<stem>.overlay.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "geojson": out / f"{stem}.geojson"}
+    paths["json"].write_text(json.dumps(result.to_dict(source), indent=1))
+    paths["geojson"].write_text(json.dumps(to_geojson(result)))
+    if overlay:
+        paths["overlay"] = out / f"{stem}.overlay.png"
+        img = render_field_overlay(rgb, result)
+        if not cv2.imwrite(str(paths["overlay"]), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {paths['overlay']}")
+    return paths
+
+
+def with_detect(config: ScanConfig, **detect: Any) -> ScanConfig:
+    """``config`` with some detection settings replaced (unknown names are an error)."""
+    return replace(config, detect=DetectConfig.from_dict(asdict(config.detect) | detect))

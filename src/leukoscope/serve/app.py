@@ -1,0 +1,573 @@
+"""The REST API and the lab's web page, in one FastAPI app.
+
+    from leukoscope.serve import ServeConfig, create_app
+    app = create_app(["leukemia-cell"], ServeConfig(audit_db="audit.sqlite"))
+    # uvicorn.run(app, host="127.0.0.1", port=8000)   or: leukoscope serve
+
+Endpoints: ``POST /v1/predict``, ``POST /v1/explain``, ``POST /v1/scan`` (multipart upload, field ``file``; the model
+is chosen with ``?model=`` or a ``model`` form field), ``GET /v1/models``, ``GET /health``, the page at ``GET /`` and
+the OpenAPI docs at ``/docs``. Models are loaded once and shared by all requests (``LoadedModel`` is thread-safe);
+the blocking work runs in the thread pool so the event loop keeps answering. Bad input gets a 4xx with
+``{"detail": "..."}``; no client-supplied name is ever used as a path. Every answer is in the audit log before it is
+sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leukoscope.errors import require
+
+require("fastapi", "serve", "the web server")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
+from fastapi.concurrency import run_in_threadpool  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from leukoscope import __version__  # noqa: E402
+from leukoscope._registry import unknown_name_message  # noqa: E402
+from leukoscope.data.images import read_image  # noqa: E402
+from leukoscope.errors import ImageReadError  # noqa: E402
+from leukoscope.models.modeldir import LoadedModel, load_model, resolve_model_dir  # noqa: E402
+from leukoscope.serve.audit import AuditLog, sha256_bytes  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Images up to this side come back as lossless PNG at full size; larger ones (whole fields) as JPEG, downscaled.
+PNG_MAX_SIDE = 1024
+JPEG_MAX_SIDE = 1600
+# Explanation methods the API offers: one backward pass each. Score-CAM and occlusion cost hundreds of forward passes
+# per image, enough for one client to stall the server, so they stay on the command line.
+API_METHODS = ("gradcam", "gradcam++", "layercam")
+_UPLOAD_TYPES = ("image/", "application/octet-stream")
+# Content-Security-Policy of the page: everything from this app, nothing from anywhere else.
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of the server.
+
+    Attributes:
+        audit_db: the SQLite audit log (created when missing).
+        store_images: keep every uploaded image in this folder (named by SHA-256); None stores none.
+        max_upload_bytes: larger request bodies get 413 before they are parsed.
+        max_pixels: larger images (width x height) get 422 before they are decoded.
+        log_client: record the client's address in the audit log.
+        explain_methods: the explanation methods ``/v1/explain`` accepts.
+        onnx_threads: ONNX Runtime threads per request, without spin-waiting (see :func:`tune_onnx`); 0 keeps the
+            session :func:`leukoscope.models.load_model` made.
+    """
+
+    audit_db: str | Path = "leukoscope-audit.sqlite"
+    store_images: str | Path | None = None
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 25_000_000
+    log_client: bool = False
+    explain_methods: tuple[str, ...] = API_METHODS
+    onnx_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes <= 0:
+            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.onnx_threads < 0:
+            raise ValueError(f"onnx_threads must be 0 (library default) or more, got {self.onnx_threads}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Response schemas (they make the OpenAPI docs)
+# ----------------------------------------------------------------------------------------------------------------
+class EncodedImage(BaseModel):
+    media_type: str = Field(description="image/png (lossless, full size) or image/jpeg (large images, downscaled)")
+    data: str = Field(description="the image file, base64")
+    width: int
+    height: int
+
+
+class PredictResponse(BaseModel):
+    label: str = Field(description="the most probable class")
+    confidence: float = Field(description="calibrated probability of that class")
+    probabilities: dict[str, float] = Field(description="calibrated probability of every class")
+    model: str
+    weights_sha256: str
+    backend: str = Field(description="onnx or torch")
+    filename: str = Field(description="the uploaded file's name, echoed (never used as a path)")
+    sha256: str = Field(description="SHA-256 of the uploaded bytes")
+    image_size: list[int] = Field(description="[width, height] in pixels")
+    audit_id: int = Field(description="the row of this answer in the audit log")
+    image: EncodedImage | None = Field(None, description="the decoded input, when include_image was set")
+
+
+class ExplainResponse(PredictResponse):
+    explained_class: str
+    method: str
+    target_layer: str
+    hottest_region: dict[str, Any]
+    overlay: EncodedImage = Field(description="the heatmap blended on the image, same size as the image")
+    heatmap: EncodedImage = Field(description="the heatmap alone, 8-bit grayscale PNG (255 = peak)")
+    figure: EncodedImage = Field(description="the overlay with a caption and a colour bar, for a report")
+
+
+class ScanResponse(BaseModel):
+    model: str
+    weights_sha256: str
+    backend: str
+    filename: str
+    sha256: str
+    image_size: list[int]
+    audit_id: int
+    white_cells: int
+    abnormal_cells: int
+    abnormal_share: float | None
+    label_counts: dict[str, int]
+    cells: list[dict[str, Any]] = Field(description="one per white cell: bbox [x0, y0, x1, y1] in image pixels, "
+                                                    "label, confidence, p_<class>, abnormal, ...")
+    result: dict[str, Any] = Field(description="everything leukoscope.scan reports for the field")
+    overlay: EncodedImage = Field(description="the field with every cell boxed in its class colour")
+    image: EncodedImage | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    classes: list[str]
+    backend: str
+    input_size: int
+    weights_sha256: str
+    default: bool
+    info: dict[str, Any] = Field(description="model.json")
+    metrics: dict[str, Any] | None = Field(description="metrics.json: what it reached on held-out groups")
+    card: str | None = Field(description="MODEL_CARD.md (markdown)")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    models: list[str]
+    default_model: str
+    uptime_s: float
+    audit_entries: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedModel] | None,
+                backend: str = "auto") -> dict[str, LoadedModel]:
+    """Models by the name clients select them with; the first is the default.
+
+    Args:
+        specs: shipped names, model directories or loaded models (default: the shipped ``leukemia-cell``); a mapping
+            gives the names explicitly.
+        backend: ``auto``, ``onnx`` or ``torch`` for models loaded here.
+    """
+    if isinstance(specs, Mapping):
+        if not specs:
+            raise ValueError("no models to serve")
+        return dict(specs)
+    out: dict[str, LoadedModel] = {}
+    for spec in specs or [None]:
+        if isinstance(spec, LoadedModel):
+            model, name = spec, spec.name
+        else:
+            model = load_model(spec, backend=backend)
+            shipped = spec is None or not Path(str(spec)).expanduser().is_dir()
+            name = str(spec or resolve_model_dir(None).name) if shipped else (model.name or model.path.name)
+        if name in out:
+            raise ValueError(f"two models are called {name!r} ({out[name].path} and {model.path}); serve one of "
+                             f"them, or rename one in its model.json")
+        out[name] = model
+    return out
+
+
+def tune_onnx(model: LoadedModel, threads: int) -> None:
+    """Re-open a model's ONNX Runtime session for serving: ``threads`` intra-op threads and no spin-waiting.
+
+    A server runs many requests at once, so parallelism comes from the requests; ONNX Runtime's default (a thread per
+    core that spin-waits between operators) made each 224 px prediction cost ~1.7x the CPU time on 2 shared cores
+    (19 vs 11 ms per image, measured with benchmarks/serve_load.py's image). Same model file, same provider, so the
+    same probabilities (to float rounding). A model on the PyTorch backend is left alone.
+    """
+    if model.backend != "onnx" or model._session is None or threads <= 0:
+        return
+    import onnxruntime as ort
+
+    from leukoscope.models.modeldir import onnx_path_for
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model._session = ort.InferenceSession(str(onnx_path_for(model)), opts, providers=["CPUExecutionProvider"])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------
+def encode_image(rgb: np.ndarray) -> dict[str, Any]:
+    """RGB (or grayscale) uint8 -> ``{media_type, data (base64), width, height}``: PNG at full size up to
+    ``PNG_MAX_SIDE``, else JPEG (quality 90) downscaled to ``JPEG_MAX_SIDE``."""
+    h, w = rgb.shape[:2]
+    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb
+    if max(h, w) <= PNG_MAX_SIDE:
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        media = "image/png"
+    else:
+        s = JPEG_MAX_SIDE / max(h, w)
+        if s < 1:
+            w, h = max(1, round(w * s)), max(1, round(h * s))
+            bgr = cv2.resize(np.ascontiguousarray(bgr), (w, h), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        media = "image/jpeg"
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 array
+        raise RuntimeError(f"could not encode a {w}x{h} image")
+    return {"media_type": media, "data": base64.b64encode(buf.tobytes()).decode("ascii"), "width": w, "height": h}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request body limit (pure ASGI: it sees the body before anything parses it)
+# ----------------------------------------------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """Refuses request bodies above ``max_bytes`` with 413: at once when Content-Length says so, else as soon as the
+    streamed body passes the limit (chunked uploads, lying headers)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, n: int | None) -> str:
+        got = f"{n:,} bytes" if n is not None else "more"
+        return (f"request body is {got}, above this server's limit of {self.max_bytes:,} bytes "
+                f"(leukoscope serve --max-upload-mb)")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                await JSONResponse({"detail": f"invalid Content-Length header {length[:40]!r}"}, 400)(
+                    scope, receive, send)
+                return
+            if n > self.max_bytes:
+                await JSONResponse({"detail": self._message(n)}, 413, headers={"Connection": "close"})(
+                    scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes through the form parser and becomes a 413 answer.
+                    raise HTTPException(413, self._message(None))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class SecurityHeadersMiddleware:
+    """``nosniff`` on everything; the page's Content-Security-Policy on HTML."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                headers.append((b"x-content-type-options", b"nosniff"))
+                ctype = dict(headers).get(b"content-type", b"")
+                if ctype.startswith(b"text/html"):
+                    headers.append((b"content-security-policy", CSP.encode()))
+                    headers.append((b"referrer-policy", b"no-referrer"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    models: dict[str, LoadedModel]
+    config: ServeConfig
+    audit: AuditLog
+    started: float = field(default_factory=time.monotonic)
+    model_infos: dict[str, dict] = field(default_factory=dict)
+    # Grad-CAM holds the model's lock, so explanations of one model run one at a time anyway; running them on one
+    # thread per model also keeps PyTorch's autograd memory in one allocator arena instead of one per pool thread.
+    explain_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+
+    @property
+    def default(self) -> str:
+        return next(iter(self.models))
+
+
+@dataclass(frozen=True)
+class _Upload:
+    data: bytes
+    filename: str
+    sha256: str
+
+
+def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedModel] | None = None,
+               config: ServeConfig | None = None, backend: str = "auto") -> FastAPI:
+    """The FastAPI app serving ``models`` (see :func:`load_models`; the first is the default).
+
+    ONNX Runtime sessions of the models are re-opened for serving (:func:`tune_onnx`, ``config.onnx_threads``).
+    """
+    cfg = config or ServeConfig()
+    loaded = load_models(models, backend)
+    state = _State(loaded, cfg, AuditLog(cfg.audit_db, cfg.store_images))
+    for name, m in loaded.items():
+        tune_onnx(m, cfg.onnx_threads)
+        state.explain_pools[name] = ThreadPoolExecutor(1, thread_name_prefix=f"explain-{name}")
+        state.model_infos[name] = {
+            "name": name, "classes": list(m.classes), "backend": m.backend, "input_size": int(m.input_size),
+            "weights_sha256": str(m.info.get("weights_sha256", "")), "default": name == state.default, "info": m.info,
+            "metrics": _read_json(m.path / "metrics.json"), "card": _read_text(m.path / "MODEL_CARD.md")}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for pool in state.explain_pools.values():
+            pool.shutdown(wait=True)
+        state.audit.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="leukoscope",
+        version=__version__,
+        description="Finds leukemia in microscope images of peripheral blood smears and explains what it saw. "
+                    "Research use and a second reader for trained staff; not a medical device.",
+    )
+    app.state.leukoscope = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+        return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, 422)
+
+    @app.exception_handler(ImageReadError)
+    async def _unreadable(_: Request, exc: ImageReadError) -> JSONResponse:
+        return JSONResponse({"detail": f"cannot read the uploaded image {exc.path!r}: {exc.reason}"}, 422)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+                            500)
+
+    def pick_model(query: str | None, form: str | None) -> tuple[str, LoadedModel]:
+        if query and form and query != form:
+            raise HTTPException(400, f"two different models asked for: ?model={query!r} and form field "
+                                     f"model={form!r}")
+        name = query or form or state.default
+        if name not in state.models:
+            raise HTTPException(404, unknown_name_message("model", name, list(state.models)))
+        return name, state.models[name]
+
+    async def read_upload(request: Request, file: UploadFile | None) -> _Upload:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise HTTPException(415, f"expected a multipart/form-data upload with the image in the field 'file', "
+                                     f"got content type {ctype[:80]!r}")
+        if file is None:
+            raise HTTPException(400, "no file in the upload: send the image in the multipart field 'file'")
+        name = (file.filename or "upload")[-200:]
+        part_type = (file.content_type or "").lower()
+        if part_type and not part_type.startswith(_UPLOAD_TYPES):
+            raise HTTPException(415, f"the uploaded file {name!r} has content type {part_type[:80]!r}; send an image "
+                                     f"(image/png, image/jpeg, image/tiff, image/bmp) or application/octet-stream")
+        data = await file.read()
+        return _Upload(data, name, sha256_bytes(data))
+
+    def decode(up: _Upload) -> np.ndarray:
+        # The name only labels error messages: read_image gets the bytes, never a path.
+        return read_image(up.data, name=up.filename, max_pixels=cfg.max_pixels)
+
+    def audit(endpoint: str, name: str, model: LoadedModel, up: _Upload, outputs: dict, request: Request) -> int:
+        client = request.client.host if cfg.log_client and request.client else None
+        return state.audit.append(endpoint=endpoint, model=name, weights_sha256=str(model.info.get("weights_sha256",
+                                  "")), input_sha256=up.sha256, outputs=outputs, backend=model.backend,
+                                  input_bytes=len(up.data), client=client,
+                                  image=up.data if cfg.store_images else None)
+
+    def base(name: str, model: LoadedModel, up: _Upload, rgb: np.ndarray) -> dict[str, Any]:
+        return {"model": name, "weights_sha256": str(model.info.get("weights_sha256", "")), "backend": model.backend,
+                "filename": up.filename, "sha256": up.sha256, "image_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
+
+    # ------------------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    async def health() -> dict:
+        """Liveness: the models served and how long the server has been up."""
+        n = await run_in_threadpool(state.audit.count)
+        return {"status": "ok", "version": __version__, "models": list(state.models), "default_model": state.default,
+                "uptime_s": round(time.monotonic() - state.started, 3), "audit_entries": n}
+
+    @app.get("/v1/models", response_model=list[ModelInfo], tags=["models"])
+    async def models_() -> list[dict]:
+        """The models served: classes, backend, weights hash, held-out metrics and the model card."""
+        return list(state.model_infos.values())
+
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
+    async def predict(request: Request,
+                      file: UploadFile | None = File(None, description="the image (PNG, JPEG, TIFF or BMP)"),
+                      model: str | None = Form(None, description="model name (default: the first served)"),
+                      model_q: str | None = Query(None, alias="model", description="model name, as a query"),
+                      include_image: bool = Form(False, description="also return the decoded image (for the page)"),
+                      ) -> dict:
+        """Classify one cell image: label, calibrated confidence and every class's probability, exactly as
+        ``leukoscope predict`` gives them for the same file."""
+        name, m = pick_model(model_q, model)
+        up = await read_upload(request, file)
+
+        def work() -> dict:
+            rgb = decode(up)
+            proba = m.predict_arrays([rgb])[0]
+            k = int(np.argmax(proba))
+            out = {"label": m.classes[k], "confidence": float(proba[k]),
+                   "probabilities": {c: float(p) for c, p in zip(m.classes, proba, strict=True)}}
+            res = base(name, m, up, rgb) | out
+            res["audit_id"] = audit("predict", name, m, up, out, request)
+            if include_image:
+                res["image"] = encode_image(rgb)
+            return res
+
+        return await run_in_threadpool(work)
+
+    @app.post("/v1/explain", response_model=ExplainResponse, tags=["inference"])
+    async def explain_(request: Request,
+                       file: UploadFile | None = File(None, description="the image (PNG, JPEG, TIFF or BMP)"),
+                       model: str | None = Form(None, description="model name (default: the first served)"),
+                       model_q: str | None = Query(None, alias="model", description="model name, as a query"),
+                       method: str = Form("gradcam", description=f"one of {list(API_METHODS)}"),
+                       include_image: bool = Form(False, description="also return the decoded image (for the page)"),
+                       ) -> dict:
+        """The prediction plus where the model looked: a Grad-CAM heatmap, blended on the image (``overlay``), alone
+        (``heatmap``) and as a captioned figure with a colour bar (``figure``), each a base64 image."""
+        from leukoscope.explain import explain
+        from leukoscope.explain.overlay import blend
+
+        name, m = pick_model(model_q, model)
+        if method not in cfg.explain_methods:
+            raise HTTPException(400, unknown_name_message("explanation method", method, list(cfg.explain_methods)))
+        up = await read_upload(request, file)
+
+        def work() -> dict:
+            rgb = decode(up)
+            try:
+                e = explain(rgb, model=m, method=method)
+            except ValueError as exc:  # e.g. an image too small to explain
+                raise HTTPException(422, f"cannot explain {up.filename!r}: {exc}") from exc
+            out = {"label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
+                   "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
+                   "hottest_region": e.region}
+            res = base(name, m, up, rgb) | out
+            res["audit_id"] = audit("explain", name, m, up, out, request)
+            res["overlay"] = encode_image(blend(rgb, e.heatmap))
+            res["heatmap"] = encode_image(np.round(e.heatmap * 255).astype(np.uint8))
+            res["figure"] = encode_image(e.overlay)
+            if include_image:
+                res["image"] = encode_image(rgb)
+            return res
+
+        return await asyncio.get_running_loop().run_in_executor(state.explain_pools[name], work)
+
+    @app.post("/v1/scan", response_model=ScanResponse, tags=["inference"])
+    async def scan(request: Request,
+                   file: UploadFile | None = File(None, description="a whole smear field (PNG, JPEG, TIFF or BMP)"),
+                   model: str | None = Form(None, description="model name (default: the first served)"),
+                   model_q: str | None = Query(None, alias="model", description="model name, as a query"),
+                   gradcam: bool = Form(False, description="blend Grad-CAM into the abnormal cells of the overlay"),
+                   abnormal_threshold: float = Form(0.5, ge=0.0, le=1.0,
+                                                    description="a cell is abnormal from this probability on"),
+                   include_image: bool = Form(False, description="also return the decoded image (for the page)"),
+                   ) -> dict:
+        """Find every white cell of a whole field, classify it and flag the abnormal ones: one entry per cell with its
+        box (field pixels), label and confidence, the totals, and the field with the boxes drawn."""
+        try:
+            from leukoscope.scan import ScanConfig, render_field_overlay, scan_field
+        except ImportError as exc:  # pragma: no cover - scanning ships with the package
+            raise HTTPException(501, f"whole-field scanning is not available in this installation ({exc})") from exc
+        name, m = pick_model(model_q, model)
+        up = await read_upload(request, file)
+
+        def work() -> dict:
+            rgb = decode(up)
+            try:
+                result = scan_field(rgb, m, ScanConfig(gradcam=gradcam, abnormal_threshold=abnormal_threshold))
+            except ValueError as exc:
+                raise HTTPException(422, f"cannot scan {up.filename!r}: {exc}") from exc
+            d = result.to_dict(up.filename)
+            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "cells")}
+            res = base(name, m, up, rgb) | out
+            res["result"] = d
+            res["audit_id"] = audit("scan", name, m, up, out, request)
+            res["overlay"] = encode_image(render_field_overlay(rgb, result))
+            if include_image:
+                res["image"] = encode_image(rgb)
+            return res
+
+        return await run_in_threadpool(work)
+
+    return app

@@ -1,0 +1,249 @@
+"""The REST API: the same probabilities as ``leukoscope predict`` and the Python call, ONNX within 1e-4 of PyTorch,
+explanations and field scans that match the library, an audit row per answer, and bad input that gets a 4xx with a
+message while the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.cli import main as cli_main
+from leukoscope.data.images import read_image
+from leukoscope.models.modeldir import file_sha256
+from leukoscope.predict import predict
+
+
+def _post(client, path, endpoint="/v1/predict", name=None, data=None, ctype="image/tiff", **form):
+    body = path.read_bytes() if data is None else data
+    return client.post(endpoint, files={"file": (name or path.name, body, ctype)}, data=form)
+
+
+def _decode(img: dict) -> np.ndarray:
+    assert img["media_type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(img["data"]))))
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels but holds almost no data (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_predict_equals_cli_and_python_call(client, served_models, model_dir, cell_paths, tmp_path, monkeypatch):
+    import leukoscope.models
+
+    # The CLI's own code path (collect_paths, predict_files, write_csv) on the model already loaded, not a second copy.
+    monkeypatch.setattr(leukoscope.models, "load_model", lambda name, backend="auto": served_models["main"])
+    out = tmp_path / "cli.csv"
+    assert cli_main(["predict", *map(str, cell_paths), "--model", str(model_dir), "--output", str(out),
+                     "--no-progress"]) == 0
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    model = served_models["main"]
+    for path in cell_paths:
+        r = _post(client, path)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert set(got["probabilities"]) == set(model.classes)
+        row = rows[str(path)]
+        for c in model.classes:  # the CLI's CSV has 6 decimals
+            assert got["probabilities"][c] == pytest.approx(float(row[f"p_{c}"]), abs=1e-6)
+        ref = predict(path, model)
+        np.testing.assert_allclose([got["probabilities"][c] for c in model.classes],
+                                   [ref.probabilities[c] for c in model.classes], rtol=1e-6, atol=1e-7)
+        assert got["label"] == ref.label == row["label"]
+        assert got["confidence"] == pytest.approx(max(got["probabilities"].values()), abs=1e-7)
+        assert got["filename"] == path.name and got["backend"] == "onnx"
+        assert got["sha256"] == file_sha256(path)
+        assert got["image_size"] == [257, 257]
+
+
+def test_onnx_answers_equal_pytorch_backend(client, served_models, cell_paths):
+    torch_model = served_models["main-torch"]
+    assert served_models["main"].backend == "onnx" and torch_model.backend == "torch"
+    ref = torch_model.predict_arrays([read_image(p) for p in cell_paths])
+    for path, p_ref in zip(cell_paths, ref, strict=True):
+        onnx = _post(client, path).json()
+        via_torch = client.post("/v1/predict?model=main-torch", files={"file": (path.name, path.read_bytes())}).json()
+        assert via_torch["backend"] == "torch" and via_torch["model"] == "main-torch"
+        classes = torch_model.classes
+        np.testing.assert_allclose([onnx["probabilities"][c] for c in classes], p_ref, atol=1e-4)
+        np.testing.assert_allclose([via_torch["probabilities"][c] for c in classes], p_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_model_selected_by_form_field_or_query(client, cell_paths):
+    path = cell_paths[0]
+    assert _post(client, path, model="main-torch").json()["model"] == "main-torch"
+    assert _post(client, path).json()["model"] == "main"  # the first model is the default
+    r = client.post("/v1/predict?model=main", files={"file": (path.name, path.read_bytes())},
+                    data={"model": "main-torch"})
+    assert r.status_code == 400 and "two different models" in r.json()["detail"]
+    r = client.post("/v1/predict?model=mian", files={"file": (path.name, path.read_bytes())})
+    assert r.status_code == 404 and "Did you mean 'main'" in r.json()["detail"]
+
+
+def test_explain_returns_prediction_and_heatmap(client, served_models, cell_paths):
+    from leukoscope.explain import explain
+
+    path = cell_paths[0]
+    r = _post(client, path, "/v1/explain", include_image="true")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    pred = _post(client, path).json()
+    assert got["label"] == pred["label"]
+    for c, p in pred["probabilities"].items():
+        assert got["probabilities"][c] == pytest.approx(p, abs=1e-6)
+    rgb = read_image(path)
+    overlay, heat, image = _decode(got["overlay"]), _decode(got["heatmap"]), _decode(got["image"])
+    assert overlay.shape == rgb.shape and heat.shape == rgb.shape[:2]
+    np.testing.assert_array_equal(image, rgb)
+    assert heat.max() >= 200  # normalised to the peak (resizing back to 257 px may shave the top)
+    ref = explain(rgb, model=served_models["main"])
+    np.testing.assert_allclose(heat / 255.0, ref.heatmap, atol=1 / 255 + 1e-6)
+    assert got["hottest_region"]["bbox"] == ref.region["bbox"] and got["method"] == "gradcam"
+    assert not np.array_equal(overlay, rgb)  # the heat really is blended in
+    assert _decode(got["figure"]).shape[0] > rgb.shape[0]  # a caption strip above the image
+    r = _post(client, path, "/v1/explain", method="scorecam")
+    assert r.status_code == 400 and "Available: ['gradcam', 'gradcam++', 'layercam']" in r.json()["detail"]
+    assert _post(client, path, "/v1/explain", method="layercam").json()["method"] == "layercam"
+
+
+def test_scan_field_matches_library(client, served_models, field_path):
+    from leukoscope.scan import ScanConfig, scan_field
+
+    r = _post(client, field_path, "/v1/scan", ctype="image/jpeg")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    rgb = read_image(field_path)
+    ref = scan_field(rgb, served_models["main"], ScanConfig(gradcam=False))
+    assert got["white_cells"] == ref.n_white_cells == len(got["cells"]) > 0
+    assert got["abnormal_cells"] == ref.n_abnormal
+    assert [c["label"] for c in got["cells"]] == [c.label for c in ref.cells]
+    h, w = rgb.shape[:2]
+    assert got["image_size"] == [w, h]
+    for c, rc in zip(got["cells"], ref.cells, strict=True):
+        x0, y0, x1, y1 = c["bbox"]
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and c["bbox"] == list(rc.cell.bbox)
+        assert c["confidence"] == pytest.approx(rc.confidence, abs=1e-4)
+    assert got["overlay"]["media_type"] == "image/jpeg" and got["overlay"]["width"] <= 1600
+
+
+def test_models_and_health(client, served_models, model_dir):
+    models = client.get("/v1/models").json()
+    assert [m["name"] for m in models] == ["main", "main-torch"] and models[0]["default"]
+    m = models[0]
+    assert m["classes"] == served_models["main"].classes
+    assert m["weights_sha256"] == file_sha256(model_dir / "model.safetensors")
+    assert m["metrics"] == json.loads((model_dir / "metrics.json").read_text())
+    assert m["card"] == (model_dir / "MODEL_CARD.md").read_text()
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["models"] == ["main", "main-torch"] and h["default_model"] == "main"
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/explain", "/v1/scan", "/v1/models", "/health"} <= set(schema["paths"])
+
+
+def test_every_answer_is_audited(client, app, cell_paths):
+    audit = app.state.leukoscope.audit
+    path = cell_paths[1]
+    got = _post(client, path).json()
+    row = audit.entries(limit=1)[0]
+    assert row["id"] == got["audit_id"] and row["endpoint"] == "predict" and row["model"] == "main"
+    assert row["input_sha256"] == file_sha256(path) and row["weights_sha256"] == got["weights_sha256"]
+    assert row["outputs"]["probabilities"] == got["probabilities"] and row["outputs"]["label"] == got["label"]
+    assert row["client"] is None  # addresses are recorded only with log_client
+    # This app keeps images (store_images): under their hash, never under the client's name.
+    stored = app.state.leukoscope.audit.store_images / row["input_sha256"][:2] / f"{row['input_sha256']}.tif"
+    assert row["image_path"] == str(stored) and stored.read_bytes() == path.read_bytes()
+
+
+def _bad_requests(cell: bytes) -> dict:
+    png = io.BytesIO()
+    Image.open(io.BytesIO(cell)).save(png, format="PNG")
+    png = png.getvalue()
+    return {
+        "non-image": (dict(files={"file": ("notes.png", b"these are not pixels", "image/png")}), 422,
+                      "not a recognised image format"),
+        "truncated": (dict(files={"file": ("half.png", png[: len(png) // 2], "image/png")}), 422, "truncated"),
+        "empty": (dict(files={"file": ("empty.png", b"", "image/png")}), 422, "empty"),
+        "huge dimensions": (dict(files={"file": ("bomb.png", _png_header(5000, 5000), "image/png")}), 422,
+                            "above the limit"),
+        "raw body": (dict(content=cell, headers={"content-type": "image/tiff"}), 415, "multipart/form-data"),
+        "json body": (dict(json={"file": "cell.tif"}), 415, "multipart/form-data"),
+        "text part": (dict(files={"file": ("cell.txt", cell, "text/plain")}), 415, "content type 'text/plain'"),
+        "no file field": (dict(files={"image": ("cell.tif", cell, "image/tiff")}), 400, "field 'file'"),
+        "body too large": (dict(files={"file": ("big.tif", cell * (3_000_000 // len(cell) + 1), "image/tiff")}), 413,
+                           "above this server's limit"),
+        "bad form value": (dict(files={"file": ("cell.tif", cell, "image/tiff")}, data={"include_image": "maybe"}),
+                           422, "include_image"),
+    }
+
+
+BAD_CASES = ["non-image", "truncated", "empty", "huge dimensions", "raw body", "json body", "text part",
+             "no file field", "body too large", "bad form value"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gets_4xx_then_server_still_serves(client, cell_paths, case):
+    cell = cell_paths[0].read_bytes()
+    kwargs, status, words = _bad_requests(cell)[case]
+    for endpoint in ("/v1/predict", "/v1/explain"):
+        r = client.post(endpoint, **kwargs)
+        assert r.status_code == status, (case, endpoint, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and words in detail, (case, detail)
+        good = _post(client, cell_paths[0])
+        assert good.status_code == 200 and good.json()["label"] in good.json()["probabilities"]
+
+
+def test_client_file_names_are_never_opened(client, cell_paths, tmp_path):
+    real = cell_paths[0]
+    # The name of a real image with other bytes: the bytes are read, so this fails; the file is not opened.
+    r = client.post("/v1/predict", files={"file": (str(real), b"not an image", "image/tiff")})
+    assert r.status_code == 422 and "not a recognised image format" in r.json()["detail"]
+    # Path-like names are only echoed back.
+    ref = _post(client, real).json()
+    for name in ("../../../../etc/passwd", "/etc/shadow", "C:\\Windows\\win.ini", str(tmp_path / "x.tif")):
+        got = client.post("/v1/predict", files={"file": (name, real.read_bytes(), "image/tiff")}).json()
+        assert got["probabilities"] == ref["probabilities"]
+        assert got["filename"] in (name, name.rsplit("\\", 1)[-1])  # python-multipart strips Windows folders
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_live_server_refuses_oversized_upload_and_keeps_serving(live_server, cell_paths):
+    import httpx
+
+    big = b"\x00" * 4_000_000
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        try:
+            r = c.post("/v1/predict", files={"file": ("big.tif", big, "image/tiff")})
+            assert r.status_code == 413 and "above this server's limit" in r.json()["detail"]
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # the server may answer and close before the client has finished sending; either way it refused
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        r = c.post("/v1/predict", files={"file": (cell_paths[0].name, cell_paths[0].read_bytes(), "image/tiff")})
+        assert r.status_code == 200 and r.json()["backend"] == "onnx"
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_one_pixel_image(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 100, 150)).save(buf, format="PNG")
+    r = client.post("/v1/predict", files={"file": ("dot.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200 and abs(sum(r.json()["probabilities"].values()) - 1) < 1e-5
+    r = client.post("/v1/explain", files={"file": ("dot.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 422 and "too small to explain" in r.json()["detail"]
+    r = client.post("/v1/scan", files={"file": ("dot.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 422 and "too small to segment" in r.json()["detail"]
+    assert client.get("/health").json()["status"] == "ok"

@@ -1,0 +1,131 @@
+"""The web page end to end in a real headless Chromium (Debian's, driven by Playwright; no browser download): upload
+a real cell image through the page's file input, check that the label and confidence shown are the API's, toggle the
+heatmap, download the CSV report; then a whole field shows its cell boxes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ALL_SETTLED = ("() => document.querySelectorAll('.result').length > 0 && "
+               "[...document.querySelectorAll('.result')].every(e => e.dataset.status !== 'pending')")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("Chromium was not found on PATH (looked for 'chromium'); run setup.sh, which installs Debian's "
+                    "chromium package, or `sudo apt-get install chromium`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def console_errors() -> list[str]:
+    """JavaScript exceptions and console errors of the page; a test removes those it expects."""
+    return []
+
+
+@pytest.fixture()
+def page(browser, live_server, console_errors):
+    context = browser.new_context(accept_downloads=True)
+    pg = context.new_page()
+    errors = console_errors
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    requests: list[str] = []
+    pg.on("request", lambda req: requests.append(req.url))
+    pg.goto(live_server + "/")
+    pg.wait_for_selector("#model-select option", state="attached")
+    yield pg
+    assert not errors, f"the page logged errors: {errors}"
+    assert all(u.startswith(live_server) or u.startswith(("data:", "blob:")) for u in requests), requests
+    context.close()
+
+
+def test_upload_cell_shows_api_answer_and_toggles_heatmap(page, live_server, cell_paths):
+    path = cell_paths[0]
+    api = httpx.post(live_server + "/v1/predict", files={"file": (path.name, path.read_bytes(), "image/tiff")},
+                     timeout=60).json()
+    assert page.input_value("#model-select") == "main"
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".result").first
+    page.wait_for_function(ALL_SETTLED, timeout=60_000)
+    assert card.get_attribute("data-status") == "done", card.locator(".status").inner_text()
+    assert card.get_attribute("data-mode") == "cell"
+    assert card.locator(".filename").inner_text() == path.name
+    assert card.locator(".label").inner_text() == api["label"]
+    assert card.locator(".confidence").inner_text() == f"{100 * api['confidence']:.1f}%"
+    assert float(card.get_attribute("data-confidence")) == pytest.approx(api["confidence"], abs=1e-6)
+    assert float(card.locator(".bar").get_attribute("aria-valuenow")) == pytest.approx(100 * api["confidence"],
+                                                                                      abs=0.06)
+    # The heatmap is shown first; the toggle switches to the plain image and back.
+    img = card.locator("img.view")
+    toggle = card.locator(".heatmap-toggle")
+    assert toggle.is_visible() and toggle.is_checked()
+    assert card.get_attribute("data-view") == "overlay"
+    with_heat = img.get_attribute("src")
+    assert with_heat.startswith("data:image/png;base64,")
+    toggle.uncheck()
+    assert card.get_attribute("data-view") == "image"
+    plain = img.get_attribute("src")
+    assert plain.startswith("data:image/png;base64,") and plain != with_heat
+    page.wait_for_function("() => document.querySelector('img.view').complete")
+    assert page.evaluate("() => document.querySelector('img.view').naturalWidth") == 257  # the TIFF, decoded
+    toggle.check()
+    assert img.get_attribute("src") == with_heat
+    # The session report.
+    assert "1 done" in page.inner_text("#summary")
+    with page.expect_download() as dl:
+        page.click("#download-csv")
+    rows = list(csv.DictReader(io.StringIO(open(dl.value.path(), encoding="utf-8").read())))
+    assert len(rows) == 1 and rows[0]["file"] == path.name and rows[0]["label"] == api["label"]
+    assert float(rows[0]["confidence"]) == pytest.approx(api["confidence"], abs=1e-6)
+    with page.expect_download() as dl:
+        page.click("#download-html")
+    html = open(dl.value.path(), encoding="utf-8").read()
+    assert path.name in html and api["label"] in html and "data:image/png;base64," in html
+
+
+def test_bad_file_shows_error_and_page_keeps_working(page, cell_paths, tmp_path, console_errors):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    page.set_input_files("#file-input", [str(bad), str(cell_paths[-1])])
+    cards = page.locator(".result")
+    page.wait_for_function(ALL_SETTLED, timeout=60_000)
+    by_name = {cards.nth(i).locator(".filename").inner_text(): cards.nth(i) for i in range(cards.count())}
+    assert by_name["broken.png"].get_attribute("data-status") == "error"
+    assert "422" in by_name["broken.png"].locator(".status").inner_text()
+    assert by_name[cell_paths[-1].name].get_attribute("data-status") == "done"
+    assert "1 failed" in page.inner_text("#summary")
+    # Chromium logs the refused upload itself; that one is expected.
+    console_errors[:] = [e for e in console_errors if "status of 422" not in e]
+
+
+def test_field_shows_cell_boxes(page, live_server, field_path):
+    page.uncheck("#explain-toggle")  # boxes only: no Grad-CAM, keeps the test quick
+    page.set_input_files("#file-input", str(field_path))
+    card = page.locator(".result").first
+    page.wait_for_function(ALL_SETTLED, timeout=90_000)
+    assert card.get_attribute("data-status") == "done", card.locator(".status").inner_text()
+    assert card.get_attribute("data-mode") == "field"  # auto mode: a 1712 px image is a field
+    n = int(card.get_attribute("data-cells"))
+    assert n > 0 and card.locator(".cell-box").count() == n
+    assert card.locator(".cell-box.abnormal").count() == int(card.get_attribute("data-abnormal"))
+    box = card.locator(".cell-box").first.bounding_box()
+    stage = card.locator(".stage").bounding_box()
+    assert box["width"] > 2 and stage["x"] <= box["x"] and box["x"] + box["width"] <= stage["x"] + stage["width"] + 1
+    card.locator(".heatmap-toggle").check()
+    assert card.get_attribute("data-view") == "overlay" and not card.locator(".boxes").is_visible()
