@@ -104,15 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                            "correct_at_0.5": int(((p >= 0.5) == (y[m] == 1)).sum())}
     results["per_source_svm"] = per_source
     # exact (Clopper-Pearson) 95% intervals of sensitivity and specificity: a bootstrap cannot widen a perfect score
-    from scipy.stats import beta
-
     pooled = fcs_rows["svm"]["pooled"]
-    exact = {}
-    for key, k, n in (("sensitivity", pooled["tp"], pooled["tp"] + pooled["fn"]),
-                      ("specificity", pooled["tn"], pooled["tn"] + pooled["fp"])):
-        lo = float(beta.ppf(0.025, k, n - k + 1)) if k > 0 else 0.0
-        hi = float(beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0
-        exact[key] = {"k": int(k), "n": int(n), "ci_low": lo, "ci_high": hi}
+    exact = {key: {"k": int(k), "n": int(n), "ci_low": pooled[f"{key}_ci_low"], "ci_high": pooled[f"{key}_ci_high"]}
+             for key, k, n in (("sensitivity", pooled["tp"], pooled["tp"] + pooled["fn"]),
+                               ("specificity", pooled["tn"], pooled["tn"] + pooled["fp"]))}
     results["fcs_svm_exact_ci"] = exact
     print("  exact 95% CI (svm, tube-4): " + "; ".join(
         f"{k} {v['k']}/{v['n']} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for k, v in exact.items()))

@@ -59,7 +59,7 @@ def test_shipped_model_directory(shipped_model):
     n = len(shipped_model.feature_names)
     assert shipped_model.classifier.n_features == n
     assert re.search(rf"\b{n} features per subject", card)
-    assert "32 subjects" in card and "FR-FCM-ZZYA" in card
+    assert "32 subjects" in card and "FR-FCM-ZZYA" in card and "exact 95% CI" in card
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["n_subjects"] == 32 and metrics["n_aml"] == 12
     assert metrics["cv"]["pooled"]["auc"] >= 0.95  # what the CV measured when it was trained
@@ -110,6 +110,17 @@ def test_outer_cv_is_by_subject(small_manifest):
         assert set(out["folds"][r]) == {0, 1}
         for k in (0, 1):
             assert y[out["folds"][r] == k].sum() == 2  # stratified: 2 AML per fold
+
+
+def test_exact_binomial_ci_known_values():
+    from leukoscope.flow.model import exact_binomial_ci
+
+    lo, hi = exact_binomial_ci(12, 12)
+    np.testing.assert_allclose([lo, hi], [0.025 ** (1 / 12), 1.0], rtol=1e-9)  # no error in 12: (alpha/2)^(1/n)
+    lo, hi = exact_binomial_ci(0, 10)
+    np.testing.assert_allclose([lo, hi], [0.0, 1 - 0.025 ** (1 / 10)], rtol=1e-9)
+    lo, hi = exact_binomial_ci(5, 10)
+    np.testing.assert_allclose([lo, hi], [0.18708, 0.81292], atol=1e-5)  # textbook Clopper-Pearson
 
 
 def test_config_errors(tmp_path):

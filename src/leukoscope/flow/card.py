@@ -78,8 +78,12 @@ def model_card(model: FlowModel, metrics: dict, command: str = "") -> str:
                   "probabilities averaged over repeats; 95% CI of the AUC by bootstrap over subjects.", "",
                   "| metric | value |", "|---|---|",
                   f"| AUC | {_fmt(p['auc'])} (95% CI {_fmt(p['auc_ci_low'])}-{_fmt(p['auc_ci_high'])}) |",
-                  f"| F1 | {_fmt(p['f1'])} |", f"| sensitivity | {_fmt(p['sensitivity'])} |",
-                  f"| specificity | {_fmt(p['specificity'])} |", f"| accuracy | {_fmt(p['accuracy'])} |",
+                  f"| F1 | {_fmt(p['f1'])} |",
+                  f"| sensitivity | {_fmt(p['sensitivity'])} (exact 95% CI {_fmt(p['sensitivity_ci_low'])}-"
+                  f"{_fmt(p['sensitivity_ci_high'])}) |",
+                  f"| specificity | {_fmt(p['specificity'])} (exact 95% CI {_fmt(p['specificity_ci_low'])}-"
+                  f"{_fmt(p['specificity_ci_high'])}) |",
+                  f"| accuracy | {_fmt(p['accuracy'])} |",
                   f"| TP / FP / TN / FN | {p['tp']} / {p['fp']} / {p['tn']} / {p['fn']} |", "",
                   "Across repeats: " + "; ".join(
                       f"{k} {v['mean']:.3f} +/- {v['sd']:.3f}" for k, v in cv["per_repeat"].items()) + ".", ""]
@@ -87,7 +91,8 @@ def model_card(model: FlowModel, metrics: dict, command: str = "") -> str:
             lines += [f"**Caution:** {cv['n_subjects']} subjects is very few; an AUC of 1.0 on them says the classes "
                       "separate in this sample, not that the model will reach it on new laboratories, instruments "
                       "or panels. The CI is wide in reality even where the bootstrap interval collapses to a "
-                      "point (it cannot resample errors that never occurred).", ""]
+                      "point (it cannot resample errors that never occurred); the exact intervals of sensitivity and "
+                      "specificity show the real uncertainty.", ""]
     else:
         lines += ["No cross-validation was run for this directory.", ""]
     if model.input == "fcs":

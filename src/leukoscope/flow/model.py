@@ -126,6 +126,10 @@ def cv_metrics(cv_out: dict, n_boot: int = 1000, threshold: float = 0.5, seed: i
 
     y, P = cv_out["y"], cv_out["p"]
     pooled = binary_metrics(y, P.mean(0), threshold=threshold, n_boot=n_boot, seed=seed)
+    # exact (Clopper-Pearson) intervals: a bootstrap cannot widen a score without errors
+    for key, k, n in (("sensitivity", pooled["tp"], pooled["tp"] + pooled["fn"]),
+                      ("specificity", pooled["tn"], pooled["tn"] + pooled["fp"])):
+        pooled[f"{key}_ci_low"], pooled[f"{key}_ci_high"] = exact_binomial_ci(k, n)
     per = [binary_metrics(y, p, threshold=threshold, n_boot=0) for p in P]
     spread = {}
     for key in ("auc", "f1", "sensitivity", "specificity"):
@@ -134,6 +138,17 @@ def cv_metrics(cv_out: dict, n_boot: int = 1000, threshold: float = 0.5, seed: i
                        "min": float(np.nanmin(vals)), "max": float(np.nanmax(vals))}
     return {"pooled": pooled, "per_repeat": spread, "n_subjects": int(len(y)), "n_aml": int(y.sum()),
             "repeats": int(P.shape[0])}
+
+
+def exact_binomial_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Clopper-Pearson interval of a proportion k / n (NaN when n = 0)."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return float("nan"), float("nan")
+    lo = float(beta.ppf(alpha / 2, k, n - k + 1)) if k > 0 else 0.0
+    hi = float(beta.ppf(1 - alpha / 2, k + 1, n - k)) if k < n else 1.0
+    return lo, hi
 
 
 def train_flow_model(config: FlowConfig, evaluate: bool = True, progress: Callable[[str], None] | None = None
@@ -214,7 +229,8 @@ def save_flow_model(model: FlowModel, out_dir: str | Path, metrics: dict | None 
     arrays = dict(model.classifier.arrays())
     if model.featurizer is not None:
         arrays.update({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in model.featurizer.arrays().items()})
-    save_file(arrays, str(out / "model.safetensors"), metadata={"format": "leukoscope-flow", "version": "1"})
+    # a single metadata key keeps the header byte-identical across runs (several keys come out in random order)
+    save_file(arrays, str(out / "model.safetensors"), metadata={"format": "leukoscope-flow/1"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; package data must be world-readable
     info = {"format_version": FORMAT_VERSION, "task": "flow-aml-vs-normal", "input": model.input,
             "classifier": model.classifier.scalars(), "feature_names": model.feature_names,
