@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def held_out() -> list[dict]:
     rows = []
-    for model, dataset, target in [("leukemia-cell", "aria", "auc"), ("leukemia-cell", "all_idb2", None),
-                                   ("leukemia-cell", "cnmc2019", None), ("all-subtype", "aria", "accuracy")]:
+    for model, dataset in [("leukemia-cell", "aria"), ("leukemia-cell", "all_idb2"), ("leukemia-cell", "cnmc2019"),
+                           ("all-subtype", "aria")]:
         r = evaluate_model(model, dataset, "test")
         m = r["per_image"]
         b = m.get("binary", {})
@@ -52,7 +52,7 @@ def idb2_kfold(k: int) -> dict:
     folds = group_kfold(idb2, k, seed=0)
     rest = group_split(others, test_size=0.15, val_size=0.0, seed=0)  # 'test' of this split serves as validation
     rel = {str(s.path): both.relpath(s) for s in both.samples}
-    per_fold, y_all, p_all = [], [], []
+    per_fold = []
     for i in range(k):
         test = [rel[str(idb2.root / p)] for p in folds.parts[f"fold{i}"]]
         train_idb2 = [rel[str(idb2.root / p)] for j in range(k) if j != i for p in folds.parts[f"fold{j}"]]
@@ -68,8 +68,8 @@ def idb2_kfold(k: int) -> dict:
             print(f"fold {i}: accuracy {src['accuracy']:.4f} on {src['n']} crops", flush=True)
     acc = [f["accuracy"] for f in per_fold]
     n = [f["n"] for f in per_fold]
-    return {"folds": per_fold, "accuracy_pooled": float(np.average(acc, weights=n)), "accuracy_mean": float(np.mean(acc)),
-            "accuracy_std": float(np.std(acc))}
+    return {"folds": per_fold, "accuracy_pooled": float(np.average(acc, weights=n)),
+            "accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc))}
 
 
 def main() -> None:

@@ -5,8 +5,9 @@
    ``split.json`` that names C-NMC images, only its ``test`` part (held-out subjects) is used.
 2. ALL-IDB1 fields with expert white-cell masks (5 fields, 63 blasts): (a) a 257 x 257 window centred on each blast
    centroid (clamped inside the field; the ALL-IDB2 crop size); (b) the field tiled into 257 x 257 windows, keeping
-   those with >= 2 % white-cell pixels. Reported: how often the peak falls inside a white cell, against chance
-   (the white-cell share of the window), and the heat mass inside white cells.
+   those with >= 2 % white-cell pixels (``--max-windows`` keeps an evenly spaced subset of each). Reported: how
+   often the peak falls inside a white cell, against chance (the white-cell share of the window), and the heat mass
+   inside white cells.
 3. Faithfulness on the C-NMC images: deletion AUC (remove the hottest pixels first, to black; lower is better) and
    insertion AUC (restore them first into a blurred image; higher is better) of the calibrated probability of the
    explained (predicted) class, for every method and for a random map as smooth as a 7 x 7 CAM. A method beats the
@@ -169,27 +170,32 @@ def run(args: argparse.Namespace) -> dict:
                                              for kind in ("blast_windows", "tiles")}
     masses: dict[str, dict[str, list]] = {kind: {m: [] for m in methods} for kind in ("blast_windows", "tiles")}
     n_blasts = 0
+    images, masks_, jobs = {}, {}, {"blast_windows": [], "tiles": []}
     for s in fields:
         rgb = read_image(s.path)
         wbc = np.asarray(Image.open(s.meta["wbc_mask"]).convert("L")) > 0
         h, w = wbc.shape
         if rgb.shape[:2] != (h, w):
             raise ValueError(f"mask {wbc.shape} and field {rgb.shape[:2]} differ: {s.path}")
+        images[s.path.stem], masks_[s.path.stem] = rgb, wbc
         n_blasts += len(s.meta["blasts"])
-        jobs = {"blast_windows": windows_around(s.meta["blasts"], w, h),
-                "tiles": [t for t in tiles(w, h) if wbc[t[1]:t[1] + WINDOW, t[0]:t[0] + WINDOW].mean() >= 0.02]}
-        for kind, wins in jobs.items():
-            for j, (x0, y0) in enumerate(wins):
-                crop = np.ascontiguousarray(rgb[y0:y0 + WINDOW, x0:x0 + WINDOW])
-                m_crop = wbc[y0:y0 + WINDOW, x0:x0 + WINDOW]
-                field_res[kind]["chance"].append(float(m_crop.mean()))
-                for m in methods:
-                    if m in SLOW and j >= max(1, args.n_slow // len(fields)):
-                        continue
-                    heat = gradcam_array(model, crop, method=m)
-                    field_res[kind][m].append(peak_in(heat, m_crop))
-                    masses[kind][m].append(mass_in(heat, m_crop))
-        print(f"  field {s.path.stem} done      ", end="\r", flush=True)
+        jobs["blast_windows"] += [(s.path.stem, *xy) for xy in windows_around(s.meta["blasts"], w, h)]
+        jobs["tiles"] += [(s.path.stem, *t) for t in tiles(w, h)
+                          if wbc[t[1]:t[1] + WINDOW, t[0]:t[0] + WINDOW].mean() >= 0.02]
+    for kind, wins in jobs.items():
+        if args.max_windows and len(wins) > args.max_windows:
+            wins = [wins[int(i)] for i in np.linspace(0, len(wins) - 1, args.max_windows).round()]
+        for j, (stem, x0, y0) in enumerate(wins):
+            crop = np.ascontiguousarray(images[stem][y0:y0 + WINDOW, x0:x0 + WINDOW])
+            m_crop = masks_[stem][y0:y0 + WINDOW, x0:x0 + WINDOW]
+            field_res[kind]["chance"].append(float(m_crop.mean()))
+            for m in methods:
+                if m in SLOW and j >= args.n_slow:
+                    continue
+                heat = gradcam_array(model, crop, method=m)
+                field_res[kind][m].append(peak_in(heat, m_crop))
+                masses[kind][m].append(mass_in(heat, m_crop))
+            print(f"  {kind} {j + 1}/{len(wins)}      ", end="\r", flush=True)
     result["all_idb1"] = {"fields": [s.path.stem for s in fields], "blasts": n_blasts, "window": WINDOW}
     for kind in ("blast_windows", "tiles"):
         r = {"windows": len(field_res[kind]["chance"]),
@@ -238,6 +244,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--n-cells", type=int, default=60, help="C-NMC images (evenly spaced over the selection)")
     p.add_argument("--n-slow", type=int, default=10, help="images for Score-CAM (one forward pass per channel)")
+    p.add_argument("--max-windows", type=int, default=0, help="ALL-IDB1 windows per kind, evenly spaced (0: all)")
     p.add_argument("--steps", type=int, default=16, help="points on the deletion / insertion curves, minus one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)

@@ -57,6 +57,22 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used (Linux /proc; psutil elsewhere when installed)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except Exception:
+        return None
+
+
 def cell_png(size: int = 224) -> tuple[bytes, str]:
     """A real ALL-IDB2 cell resized to ``size`` px, as PNG bytes, and where it came from."""
     from PIL import Image
@@ -99,8 +115,12 @@ def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
     raise RuntimeError(f"the server did not answer /health within {args.start_timeout} s")
 
 
-def run_phase(url: str, endpoint: str, image: bytes, clients: int, duration: float) -> dict:
-    """``clients`` threads, each with its own keep-alive connection, posting for ``duration`` seconds."""
+def run_phase(url: str, endpoint: str, image: bytes, clients: int, duration: float, server_pid: int) -> dict:
+    """``clients`` threads, each with its own keep-alive connection, posting for ``duration`` seconds.
+
+    Besides latency, the CPU time the server and the clients used per request: unlike latency it hardly depends on
+    what else runs on the machine, so it tells what a quiet machine would do (2 cores give 2000 CPU-ms per second).
+    """
     import httpx
 
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -129,17 +149,23 @@ def run_phase(url: str, endpoint: str, image: bytes, clients: int, duration: flo
         t.start()
     stop_at[0] = time.perf_counter() + duration
     t_start = time.perf_counter()
+    server_cpu0, client_cpu0 = cpu_seconds(server_pid), time.process_time()
     start.wait()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_start
+    server_cpu1, client_cpu1 = cpu_seconds(server_pid), time.process_time()
     lat = np.array([x for per in latencies for x in per]) * 1000
     errs = [e for per in errors for e in per]
     q = (lambda p: float(np.percentile(lat, p))) if len(lat) else (lambda p: float("nan"))
     return {"endpoint": endpoint, "clients": clients, "duration_s": round(wall, 2), "requests": int(len(lat)),
             "errors": len(errs), "error_samples": errs[:5], "throughput_rps": round(len(lat) / wall, 2),
             "p50_ms": round(q(50), 1), "p95_ms": round(q(95), 1), "p99_ms": round(q(99), 1),
-            "max_ms": round(float(lat.max()), 1) if len(lat) else float("nan")}
+            "max_ms": round(float(lat.max()), 1) if len(lat) else float("nan"),
+            "server_cpu_ms_per_request": (round((server_cpu1 - server_cpu0) * 1000 / len(lat), 1)
+                                          if len(lat) and server_cpu0 is not None and server_cpu1 is not None
+                                          else None),
+            "client_cpu_ms_per_request": round((client_cpu1 - client_cpu0) * 1000 / len(lat), 1) if len(lat) else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             phases = []
             for ep in args.endpoints.split(","):
                 if args.baseline_duration > 0:
-                    phases.append(run_phase(url, ep, image, 1, args.baseline_duration))
+                    phases.append(run_phase(url, ep, image, 1, args.baseline_duration, proc.pid))
                     print(_row(phases[-1]), flush=True)
-                phases.append(run_phase(url, ep, image, args.clients, args.duration))
+                phases.append(run_phase(url, ep, image, args.clients, args.duration, proc.pid))
                 print(_row(phases[-1]), flush=True)
             rss_end = rss_mb(proc.pid)
             audited = httpx.get(url + "/health", timeout=10).json()["audit_entries"]
@@ -208,15 +234,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _row(ph: dict) -> str:
+    cpu = ph["server_cpu_ms_per_request"]
     return (f"| {ph['endpoint']:<8} | {ph['clients']:>7} | {ph['requests']:>8} | {ph['throughput_rps']:>8.1f} | "
-            f"{ph['p50_ms']:>7.1f} | {ph['p95_ms']:>7.1f} | {ph['p99_ms']:>7.1f} | {ph['errors']:>6} |")
+            f"{ph['p50_ms']:>7.1f} | {ph['p95_ms']:>7.1f} | {ph['p99_ms']:>7.1f} | {ph['errors']:>6} | "
+            f"{'n/a' if cpu is None else f'{cpu:.1f}':>10} | {ph['client_cpu_ms_per_request']:>10.1f} |")
 
 
 def table(r: dict) -> str:
     lines = [f"model {r['model']} ({r['backend']}), {r['cpu_count']} CPUs, load average before "
              f"{_fmt_load(r['load_average_before'])}, after {_fmt_load(r['load_average_after'])}",
-             "| endpoint | clients | requests |    req/s | p50 ms  | p95 ms  | p99 ms  | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| endpoint | clients | requests |    req/s | p50 ms  | p95 ms  | p99 ms  | errors | server CPU "
+             "| client CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(ph) for ph in r["phases"]]
     for ph in r["phases"]:
         target = TARGET_P95_MS.get(ph["endpoint"])
@@ -224,6 +253,7 @@ def table(r: dict) -> str:
             verdict = "met" if ph["p95_ms"] < target else "MISSED"
             lines.append(f"target {ph['endpoint']} p95 < {target:.0f} ms at {ph['clients']} clients: {verdict} "
                          f"({ph['p95_ms']:.1f} ms)")
+    lines.append("server CPU / client CPU: CPU-ms used per request by the server process / by this script's clients")
     lines.append(f"server RSS {r['rss_mb_start']} MiB after start-up, {r['rss_mb_end']} MiB at the end; "
                  f"{r['audit_entries']} audit rows for {r['requests_served']} measured requests (+ warm-up)")
     return "\n".join(lines)

@@ -143,13 +143,22 @@ def test_field_without_white_cells(idb1, tmp_path) -> None:
     assert doc["cells"] == [] and doc["abnormal_share"] is None
 
 
-def test_crop_at_the_border_keeps_the_cell_centred() -> None:
+def test_crops_at_the_field_border() -> None:
     rgb = np.zeros((100, 200, 3), np.uint8)
-    rgb[5, 10] = 255
-    crop, box = crop_cell(rgb, 10, 5, 41)
-    assert crop.shape == (41, 41, 3)
+    rgb[5, 10] = 255  # the "cell", 10 px from the left edge and 5 px from the top
+    crop, box = crop_cell(rgb, 10, 5, 41)  # clip: cut at the edge, like ALL-IDB2's border crops
+    assert crop.shape == (26, 31, 3) and box == (0, 0, 31, 26)
+    assert tuple(crop[5, 10]) == (255, 255, 255)
+    crop, box = crop_cell(rgb, 10, 5, 41, "shift")  # a full square inside the field, cell off-centre
+    assert crop.shape == (41, 41, 3) and box == (0, 0, 41, 41)
+    assert tuple(crop[5, 10]) == (255, 255, 255)
+    crop, box = crop_cell(rgb, 10, 5, 41, "reflect")  # a full square, cell centred, outside mirrored
+    assert crop.shape == (41, 41, 3) and box == (0, 0, 31, 26)
     assert tuple(crop[20, 20]) == (255, 255, 255)
-    assert box == (0, 0, 31, 26)
+    crop, box = crop_cell(rgb, 100, 50, 41)  # inside: all modes give the same centred square
+    assert crop.shape == (41, 41, 3) and box == (80, 30, 121, 71)
+    with pytest.raises(ValueError, match=r"Unknown border mode 'wrap'"):
+        crop_cell(rgb, 10, 5, 41, "wrap")
 
 
 def test_class_roles_are_validated() -> None:

@@ -114,7 +114,7 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
 
 
 def write_csv(preds: list[Prediction], classes: list[str], out: str | Path | None) -> None:
-    """Columns exactly ``path,label,confidence,p_<class>...`` in the model's class order; stdout when ``out`` is None."""
+    """Columns exactly ``path,label,confidence,p_<class>...`` in the model's class order (stdout if ``out`` is None)."""
     buf = io.StringIO() if out is None else open(out, "w", newline="")  # noqa: SIM115
     try:
         w = csv.writer(buf)

@@ -54,6 +54,7 @@ class ScanConfig:
     Attributes:
         detect: white-cell detection settings.
         crop_rbc_diameters: side of the square crop handed to the classifier, in red-cell diameters.
+        border: crops of cells near the field's edge: ``clip``, ``shift`` or ``reflect`` (see :func:`crop_cell`).
         abnormal_threshold: a cell is abnormal when its summed probability of abnormal classes reaches this.
         normal_classes: the model's classes that are not abnormal; empty = those named in ``NORMAL_CLASS_NAMES``.
         gradcam: draw Grad-CAM on the abnormal cells of the overlay (needs a model with Grad-CAM support).
@@ -63,6 +64,7 @@ class ScanConfig:
 
     detect: DetectConfig = field(default_factory=DetectConfig)
     crop_rbc_diameters: float = 3.6
+    border: str = "clip"
     abnormal_threshold: float = 0.5
     normal_classes: tuple[str, ...] = ()
     gradcam: bool = True
@@ -72,6 +74,8 @@ class ScanConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.abnormal_threshold <= 1.0:
             raise ValueError(f"abnormal_threshold must be in [0, 1], got {self.abnormal_threshold}")
+        if self.border not in BORDER_MODES:
+            raise ValueError(f"Unknown border mode {self.border!r}. Available: {list(BORDER_MODES)}")
         if self.crop_rbc_diameters <= 0:
             raise ValueError(f"crop_rbc_diameters must be positive, got {self.crop_rbc_diameters}")
 
@@ -169,24 +173,38 @@ def abnormal_class_names(classes: Sequence[str], normal: Sequence[str] = ()) -> 
     return abnormal
 
 
-def crop_cell(rgb: np.ndarray, x: float, y: float, side: float) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A square ``side`` x ``side`` crop centred on ``(x, y)``; parts outside the field are filled by reflection
-    (like an ALL-IDB2 crop at the field border, the cell stays centred).
+BORDER_MODES = ("clip", "shift", "reflect")
+
+
+def crop_cell(rgb: np.ndarray, x: float, y: float, side: float,
+              border: str = "clip") -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A ``side`` x ``side`` crop centred on ``(x, y)``.
+
+    Args:
+        border: what happens where the square sticks out of the field. ``clip`` (default): the crop is cut at the
+            field's edge and so is smaller, as ALL-IDB2 crops at a field border are (e.g. 257 x 220); ``shift``: the
+            square moves inside the field, the cell off-centre; ``reflect``: the outside is filled by reflection.
 
     Returns:
         (crop, (x0, y0, x1, y1)) with the box in field pixels, clipped to the field.
     """
+    if border not in BORDER_MODES:
+        raise ValueError(f"Unknown border mode {border!r}. Available: {list(BORDER_MODES)}")
     h, w = rgb.shape[:2]
     s = max(2, int(round(side)))
     x0 = int(np.floor(x + 0.5)) - s // 2  # the cell's pixel sits at index s // 2 of the crop
     y0 = int(np.floor(y + 0.5)) - s // 2
+    if border == "shift":
+        x0 = min(max(0, x0), max(0, w - s))
+        y0 = min(max(0, y0), max(0, h - s))
     x1, y1 = x0 + s, y0 + s
+    box = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+    crop = rgb[box[1]:box[3], box[0]:box[2]]
     pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)), (0, 0))
-    crop = rgb[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
-    if any(p for pair in pad[:2] for p in pair):
+    if border == "reflect" and any(p for pair in pad[:2] for p in pair):
         mode = "reflect" if min(crop.shape[:2]) > max(max(pad[0]), max(pad[1])) else "edge"
         crop = np.pad(crop, pad, mode=mode)
-    return np.ascontiguousarray(crop), (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+    return np.ascontiguousarray(crop), box
 
 
 def _model_name(model: Any) -> str:
@@ -226,9 +244,10 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
     size = int(model.input_size)
     crops, boxes = [], []
     for c in det.cells:
-        crop, box = crop_cell(rgb, c.x, c.y, side)
-        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if crop.shape[0] > size
-                                else cv2.INTER_LINEAR))
+        crop, box = crop_cell(rgb, c.x, c.y, side, cfg.border)
+        # Square, like the model's own preprocessing does with a clipped training crop.
+        shrink = crop.shape[0] > size or crop.shape[1] > size
+        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
         boxes.append(box)
     proba = np.zeros((0, len(classes)), np.float32)
     if crops:
@@ -284,13 +303,15 @@ def render_field_overlay(rgb: np.ndarray, result: FieldResult, heat_alpha: float
         if sc.heatmap is None:
             continue
         x0, y0, x1, y1 = sc.crop_box
-        side = result.config.crop_rbc_diameters * result.rbc_diameter
-        s = max(2, int(round(side)))
-        heat = cv2.resize(sc.heatmap, (s, s), interpolation=cv2.INTER_LINEAR)
-        # Crop box in crop coordinates (the crop may stick out of the field).
-        cx0 = int(np.floor(sc.cell.x + 0.5)) - s // 2
-        cy0 = int(np.floor(sc.cell.y + 0.5)) - s // 2
-        region = heat[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+        if result.config.border == "reflect":
+            # The crop is the full square around the cell; only its part inside the field is drawn.
+            s = max(2, int(round(result.config.crop_rbc_diameters * result.rbc_diameter)))
+            heat = cv2.resize(sc.heatmap, (s, s), interpolation=cv2.INTER_LINEAR)
+            cx0 = int(np.floor(sc.cell.x + 0.5)) - s // 2
+            cy0 = int(np.floor(sc.cell.y + 0.5)) - s // 2
+            region = heat[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+        else:  # the crop shows exactly crop_box
+            region = cv2.resize(sc.heatmap, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
         out[y0:y1, x0:x1] = _blend_heat(out[y0:y1, x0:x1], region, heat_alpha)
     scale = max(0.4, d / 90.0)
     for sc in result.cells:

@@ -151,6 +151,14 @@ def test_models_and_health(client, served_models, model_dir):
     assert h["status"] == "ok" and h["models"] == ["main", "main-torch"] and h["default_model"] == "main"
     schema = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/explain", "/v1/scan", "/v1/models", "/health"} <= set(schema["paths"])
+    for page in ("/", "/docs"):  # served by the app itself, nothing from elsewhere
+        r = client.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        assert "http://" not in r.text and "https://" not in r.text
+    for asset in ("app.js", "style.css", "docs.js"):
+        r = client.get(f"/static/{asset}")
+        assert r.status_code == 200 and "https://" not in r.text and "http://" not in r.text
 
 
 def test_every_answer_is_audited(client, app, cell_paths):
@@ -165,6 +173,17 @@ def test_every_answer_is_audited(client, app, cell_paths):
     # This app keeps images (store_images): under their hash, never under the client's name.
     stored = app.state.leukoscope.audit.store_images / row["input_sha256"][:2] / f"{row['input_sha256']}.tif"
     assert row["image_path"] == str(stored) and stored.read_bytes() == path.read_bytes()
+
+
+_BOUNDARY = "leukoscope-test-boundary"
+
+
+def _chunked_multipart(payload: bytes):
+    """A multipart body sent in chunks without Content-Length (Transfer-Encoding: chunked)."""
+    head = (f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.tif"\r\n'
+            f"Content-Type: image/tiff\r\n\r\n").encode()
+    body = head + payload + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    return iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
 
 
 def _bad_requests(cell: bytes) -> dict:
@@ -183,21 +202,24 @@ def _bad_requests(cell: bytes) -> dict:
         "text part": (dict(files={"file": ("cell.txt", cell, "text/plain")}), 415, "content type 'text/plain'"),
         "no file field": (dict(files={"image": ("cell.tif", cell, "image/tiff")}), 400, "field 'file'"),
         "body too large": (dict(files={"file": ("big.tif", cell * (3_000_000 // len(cell) + 1), "image/tiff")}), 413,
-                           "above this server's limit"),
+                           "this server's limit of 3,000,000 bytes"),
+        "chunked body too large": (dict(content=_chunked_multipart(cell * (3_000_000 // len(cell) + 1)),
+                                        headers={"content-type": f"multipart/form-data; boundary={_BOUNDARY}"}),
+                                   413, "request body exceeds this server's limit of 3,000,000 bytes"),
         "bad form value": (dict(files={"file": ("cell.tif", cell, "image/tiff")}, data={"include_image": "maybe"}),
                            422, "include_image"),
     }
 
 
 BAD_CASES = ["non-image", "truncated", "empty", "huge dimensions", "raw body", "json body", "text part",
-             "no file field", "body too large", "bad form value"]
+             "no file field", "body too large", "chunked body too large", "bad form value"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_gets_4xx_then_server_still_serves(client, cell_paths, case):
     cell = cell_paths[0].read_bytes()
-    kwargs, status, words = _bad_requests(cell)[case]
     for endpoint in ("/v1/predict", "/v1/explain"):
+        kwargs, status, words = _bad_requests(cell)[case]  # afresh: a chunked body is consumed by sending it
         r = client.post(endpoint, **kwargs)
         assert r.status_code == status, (case, endpoint, r.text)
         assert r.headers["content-type"].startswith("application/json")
@@ -228,7 +250,7 @@ def test_live_server_refuses_oversized_upload_and_keeps_serving(live_server, cel
     with httpx.Client(base_url=live_server, timeout=30) as c:
         try:
             r = c.post("/v1/predict", files={"file": ("big.tif", big, "image/tiff")})
-            assert r.status_code == 413 and "above this server's limit" in r.json()["detail"]
+            assert r.status_code == 413 and "this server's limit of 3,000,000 bytes" in r.json()["detail"]
         except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
             pass  # the server may answer and close before the client has finished sending; either way it refused
     with httpx.Client(base_url=live_server, timeout=30) as c:

@@ -129,3 +129,11 @@ def test_field_shows_cell_boxes(page, live_server, field_path):
     assert box["width"] > 2 and stage["x"] <= box["x"] and box["x"] + box["width"] <= stage["x"] + stage["width"] + 1
     card.locator(".heatmap-toggle").check()
     assert card.get_attribute("data-view") == "overlay" and not card.locator(".boxes").is_visible()
+
+
+def test_api_docs_page_renders_the_schema_offline(page, live_server):
+    page.goto(live_server + "/docs")
+    page.wait_for_selector("#api-paths .api-op")
+    titles = page.locator("#api-paths h2").all_inner_texts()
+    assert {"POST /v1/predict", "POST /v1/explain", "POST /v1/scan", "GET /v1/models", "GET /health"} <= set(titles)
+    assert "include_image" in page.inner_text("#post-v1-predict")

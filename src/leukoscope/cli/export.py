@@ -23,5 +23,6 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(args.model, backend="torch")
     out = export_onnx(model.module, model.input_size, args.out or model.path / "model.onnx")
     x = np.random.default_rng(0).normal(size=(4, 3, model.input_size, model.input_size)).astype(np.float32)
-    print(f"wrote {out}; largest logit difference to PyTorch on 4 random inputs: {max_abs_diff(model.module, out, x):.2e}")
+    diff = max_abs_diff(model.module, out, x)
+    print(f"wrote {out}; largest logit difference to PyTorch on 4 random inputs: {diff:.2e}")
     return 0

@@ -168,7 +168,7 @@ def aggregate_by_group(groups: Sequence[str], proba: np.ndarray) -> tuple[list[s
 
 
 def group_labels(groups: Sequence[str], y_true: Sequence[int]) -> tuple[list[str], np.ndarray]:
-    """The label of each group (sorted like :func:`aggregate_by_group`); a group with mixed labels takes the majority."""
+    """The label of each group (sorted like :func:`aggregate_by_group`); mixed groups take their majority label."""
     groups, y_true = np.asarray(groups), np.asarray(y_true).astype(int)
     names = sorted(set(groups.tolist()))
     return names, np.array([np.bincount(y_true[groups == g]).argmax() for g in names])

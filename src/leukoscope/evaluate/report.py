@@ -203,7 +203,8 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
     pi = metrics["per_image"]
     lines = [
         f"# Model card: {info['name']}", "",
-        f"Trained {_dt.date.today().isoformat()} by `leukoscope train` (config in `config.yaml`, split in `split.json`).",
+        f"Trained {_dt.date.today().isoformat()} by `leukoscope train` "
+        "(config in `config.yaml`, split in `split.json`).",
         "",
         "## What it does",
         f"Classifies a single white-cell image into {', '.join(info['classes'])} (target `{info['target']}`), with a "
@@ -212,15 +213,17 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         f"- `{info['spec']['model']}` on backbone `{info['spec']['backbone']}` (ImageNet weights from "
         f"`{info['weights_source']}`), input {info['preprocess']['size']} px, dropout {info['spec']['dropout']}.",
         f"- Trained: the backbone's last {info['spec']['trainable_stages']} stage(s) and the head"
-        + (" on cached stem features" if cfg.cache_stem else "") + f"; {info['n_parameters'] if 'n_parameters' in info else ''}"
-        " parameters in all.",
-        f"- Temperature {info['temperature']:.3f} fitted on the validation split. Grad-CAM layer `{info['target_layer']}`.",
+        + (" on cached stem features" if cfg.cache_stem else "")
+        + f"; {info.get('n_parameters', '')} parameters in all.",
+        f"- Temperature {info['temperature']:.3f} fitted on the validation split. "
+        f"Grad-CAM layer `{info['target_layer']}`.",
         "", "## Data seen",
         f"Datasets: {', '.join(cfg.datasets)}. Groups: {ds.group_by}.",
         f"Split (stratified by class, grouped; seed {split.seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items())
         + " images. No group is on two sides.", "",
         "## Metrics on the held-out test groups", "",
-        "| scope | n | accuracy | sensitivity | specificity | F1 (macro) | AUC (95% CI) |", "|---|---|---|---|---|---|---|",
+        "| scope | n | accuracy | sensitivity | specificity | F1 (macro) | AUC (95% CI) |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def row(name: str, m: dict) -> str:
@@ -236,7 +239,8 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         lines.append(row(f"images from {src}", m))
     cal = metrics["calibration"]
     lines += [
-        "", f"Calibration (test): ECE {cal['ece_before']:.3f} before, {cal['ece_after']:.3f} after temperature scaling.",
+        "", f"Calibration (test): ECE {cal['ece_before']:.3f} before, {cal['ece_after']:.3f} after temperature "
+        "scaling.",
         "Sensitivity/specificity are for the positive class (second class) at probability 0.5; n/a for more classes.",
         "AUC CIs are percentile bootstraps over groups (1000 resamples).", "",
         "## Intended use",

@@ -92,8 +92,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any]) -> Path:
-    """Write weights and ``model.json``; ``info`` holds spec, classes, preprocess, temperature, ..."""
+def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    """Write weights and ``model.json``; ``info`` holds spec, classes, preprocess, temperature, ...
+
+    Returns ``info`` with the weights' SHA-256 and the parameter count added, as written."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any]) -> Path:
     info["weights_sha256"] = file_sha256(out / "model.safetensors")
     info["n_parameters"] = int(sum(p.numel() for p in module.parameters()))
     (out / "model.json").write_text(json.dumps(info, indent=1))
-    return out
+    return info
 
 
 @dataclass

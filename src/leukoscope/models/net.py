@@ -127,7 +127,7 @@ class HybridCNNTransformer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
-        self.target_layer = "encoder.layers.%d.norm1" % (depth - 1)
+        self.target_layer = f"encoder.layers.{depth - 1}.norm1"
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self._stem(x)

@@ -96,6 +96,20 @@ class ServeConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Response schemas (they make the OpenAPI docs)
 # ----------------------------------------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong, naming what was received")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "no file field, two different models asked for, unknown method"},
+    404: {"model": ErrorResponse, "description": "unknown model (the message lists the served ones)"},
+    413: {"model": ErrorResponse, "description": "request body above the server's limit"},
+    415: {"model": ErrorResponse, "description": "not a multipart/form-data upload, or a file part that is no image"},
+    422: {"model": ErrorResponse, "description": "unreadable image (empty, truncated, not an image, too many pixels) "
+                                                 "or an invalid form value"},
+}
+
+
 class EncodedImage(BaseModel):
     media_type: str = Field(description="image/png (lossless, full size) or image/jpeg (large images, downscaled)")
     data: str = Field(description="the image file, base64")
@@ -269,9 +283,8 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _message(self, n: int | None) -> str:
-        got = f"{n:,} bytes" if n is not None else "more"
-        return (f"request body is {got}, above this server's limit of {self.max_bytes:,} bytes "
-                f"(leukoscope serve --max-upload-mb)")
+        got = f"request body is {n:,} bytes, above" if n is not None else "request body exceeds"
+        return f"{got} this server's limit of {self.max_bytes:,} bytes (leukoscope serve --max-upload-mb)"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -381,6 +394,8 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
 
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load from a CDN; /docs is served from static/ instead
+        redoc_url=None,
         title="leukoscope",
         version=__version__,
         description="Finds leukemia in microscope images of peripheral blood smears and explains what it saw. "
@@ -453,23 +468,28 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
+
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> FileResponse:
         return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
-    @app.get("/health", response_model=Health, tags=["service"])
+    @app.get("/health", response_model=Health, tags=["service"], summary="Liveness")
     async def health() -> dict:
         """Liveness: the models served and how long the server has been up."""
         n = await run_in_threadpool(state.audit.count)
         return {"status": "ok", "version": __version__, "models": list(state.models), "default_model": state.default,
                 "uptime_s": round(time.monotonic() - state.started, 3), "audit_entries": n}
 
-    @app.get("/v1/models", response_model=list[ModelInfo], tags=["models"])
+    @app.get("/v1/models", response_model=list[ModelInfo], tags=["models"], summary="The models served")
     async def models_() -> list[dict]:
         """The models served: classes, backend, weights hash, held-out metrics and the model card."""
         return list(state.model_infos.values())
 
-    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"], responses=_ERRORS,
+              summary="Classify one cell image")
     async def predict(request: Request,
                       file: UploadFile | None = File(None, description="the image (PNG, JPEG, TIFF or BMP)"),
                       model: str | None = Form(None, description="model name (default: the first served)"),
@@ -495,7 +515,8 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
 
         return await run_in_threadpool(work)
 
-    @app.post("/v1/explain", response_model=ExplainResponse, tags=["inference"])
+    @app.post("/v1/explain", response_model=ExplainResponse, tags=["inference"], responses=_ERRORS,
+              summary="Classify one cell image and show where the model looked")
     async def explain_(request: Request,
                        file: UploadFile | None = File(None, description="the image (PNG, JPEG, TIFF or BMP)"),
                        model: str | None = Form(None, description="model name (default: the first served)"),
@@ -533,7 +554,9 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
 
         return await asyncio.get_running_loop().run_in_executor(state.explain_pools[name], work)
 
-    @app.post("/v1/scan", response_model=ScanResponse, tags=["inference"])
+    @app.post("/v1/scan", response_model=ScanResponse, tags=["inference"], responses={**_ERRORS, 501: {
+              "model": ErrorResponse, "description": "scanning not available"}},
+              summary="Find, classify and box every white cell of a whole field")
     async def scan(request: Request,
                    file: UploadFile | None = File(None, description="a whole smear field (PNG, JPEG, TIFF or BMP)"),
                    model: str | None = Form(None, description="model name (default: the first served)"),

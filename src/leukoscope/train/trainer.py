@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if rank == 0:
         from leukoscope.evaluate.report import evaluate_predictions, write_card
 
-        save_model_dir(out, net, info)
+        info = save_model_dir(out, net, info)
         metrics = evaluate_predictions(
             ds.classes, data["test"][1].numpy(), test_logits, temperature, data["test"][2], out_dir=out,
             val=(data["val"][1].numpy(), val_logits), title=f"{cfg.name} on held-out groups")
