@@ -84,7 +84,7 @@ def cell_png(size: int = 224) -> tuple[bytes, str]:
         img = im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return buf.getvalue(), str(path)
+    return buf.getvalue(), f"ALL-IDB2 {path.name}"
 
 
 def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -95,6 +95,8 @@ def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.onnx_threads is not None:
+        cmd += ["--onnx-threads", str(args.onnx_threads)]
     log = open(workdir / "server.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{HOST}:{port}"
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-duration", type=float, default=8.0, help="seconds of the 1-client baseline (0: none)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads in the server (leukoscope serve)")
+    p.add_argument("--onnx-threads", type=int, default=None,
+                   help="ONNX Runtime threads per request in the server (leukoscope serve; 0: ONNX Runtime's defaults)")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)

@@ -185,3 +185,22 @@ def test_patients_from_folders_and_manifest(deepapl, patient_dirs, tmp_path):
         patients_from([patient_dirs[0], patient_dirs[0]])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         patients_from([tmp_path / "nope"])
+
+
+def test_cell_scorer_matches_bag_scores_and_heatmap_is_informative(deepapl):
+    from leukoscope.data.images import read_image
+    from leukoscope.diagnose import Diagnoser
+
+    d = Diagnoser("apl")
+    cells = [s.path for s in deepapl.samples if s.group == "Patient_00"][:4]
+    images = [read_image(p) for p in cells]
+    r = d.diagnose_images("Patient_00", images, cells)
+    assert r.n_cells == 4 and r.cell_proba.shape == (4, 15)
+    np.testing.assert_allclose(r.cell_proba.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r.weights.sum(), 1.0, atol=1e-5)
+    # the Grad-CAM network scores a cell exactly as the bag scorer does
+    np.testing.assert_allclose(d.scorer().predict_arrays(images)[:, 1], r.cell_scores, atol=1e-4)
+    for target in ("APL", "AML"):
+        heat = d.heatmap(images[0], target=target)
+        assert heat.shape == images[0].shape[:2] and 0 <= heat.min() and heat.max() <= 1
+        assert heat.max() - heat.min() > 0.5  # not a flat map

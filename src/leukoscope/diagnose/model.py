@@ -183,7 +183,8 @@ class _CellScorer(nn.Module):
         else:
             e = (self.top(s).mean((2, 3)) - self.mean) / self.scale
             logit = self.mil.instance_logits(e) if self.method == "mil" else e @ self.w + self.b
-        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+        # symmetric logits: softmax gives sigmoid(logit), and both classes have a gradient to explain
+        return torch.stack([-logit / 2, logit / 2], dim=1)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

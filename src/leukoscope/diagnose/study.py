@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,112 +243,162 @@ def sens_spec(p: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
         float("nan")
 
 
-def patient_metrics(names: list[str], y: dict[str, int], p: dict[str, float], n_boot: int = 1000) -> dict:
+def patient_metrics(names: list[str], y: dict[str, int], p: dict[str, float], threshold: float = 0.5,
+                    n_boot: int = 1000) -> dict:
     yt = np.array([y[n] for n in names])
     pp = np.array([p[n] for n in names])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return binary_metrics(yt, pp, threshold=0.5, n_boot=n_boot, seed=0)
+        return binary_metrics(yt, pp, threshold=threshold, n_boot=n_boot, seed=0)
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold (``score >= t`` is APL) with the largest sensitivity + specificity."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(np.asarray(y).astype(int), np.asarray(score, dtype=float))
+    j = tpr - fpr
+    return float(np.clip(thr[int(np.argmax(j))], 0.0, 1.0))
+
+
+@dataclass
+class Method:
+    """A way from cells to a patient: ``fit(train patient names) -> PatientModel``, and the per-cell inputs
+    (embedding, cell-type probabilities) its ``score`` reads."""
+
+    fit: Callable[[list[str]], PatientModel]
+    emb: np.ndarray
+    cell_p: np.ndarray
+
+    def scores(self, pm: PatientModel, patients: np.ndarray, names: list[str]) -> dict[str, float]:
+        return {p: pm.score(self.emb[patients == p], self.cell_p[patients == p]).p_apl for p in names}
+
+
+def inner_threshold(method: Method, patients: np.ndarray, labels: dict[str, int], train_names: list[str],
+                    n_inner: int = 4, seed: int = 0) -> float:
+    """Youden threshold from an inner CV over the training patients only."""
+    inner = patient_folds({p: labels[p] for p in train_names}, n_inner, seed=seed)
+    sc: dict[str, float] = {}
+    for k in range(n_inner):
+        fit_on = [p for p in train_names if inner[p] != k]
+        sc.update(method.scores(method.fit(fit_on), patients, [p for p in train_names if inner[p] == k]))
+    return youden_threshold(np.array([labels[p] for p in train_names]), np.array([sc[p] for p in train_names]))
 
 
 def run_cv(data: CellData, config_file: str | Path, work: Path, n_splits: int = 5, repeats: int = 1,
            cnn_repeats: int = 1, mil_cfg: MILConfig = MILConfig(), use_views: bool = True,
-           diagnosis_cnn: bool = False) -> dict:
+           diagnosis_cnn: bool = False, inner_thresholds: bool = True) -> dict:
     """Patient-level CV of every method. Returns out-of-fold patient scores, metrics and the cell-level results.
 
     CNN-based methods (fold-wise ``leukoscope.train`` runs) use the first ``cnn_repeats`` repeats; methods on the
     frozen ImageNet embedding use all ``repeats``. ``diagnosis_cnn`` adds (a) with a fold-wise fine-tuned cell-level
-    AML/APL CNN head (five more training runs per repeat).
+    AML/APL CNN head (five more training runs per repeat). With ``inner_thresholds`` each method of repeat 0 also
+    gets a threshold from an inner 4-fold CV of each outer fold's training patients (Youden), so that its
+    sensitivity and specificity there are measured at a threshold chosen without the test patients.
     """
     work = Path(work)
     labels = data.patient_labels()
     names = sorted(labels)
+    pts = data.patients
+    n_classes = len(data.ds.classes)
     emb_in = pooled(data.imagenet_top, data.stem[:, 0])  # (N, 1280) frozen ImageNet embedding, view 0
     views_in = None
     if use_views and data.stem.shape[1] > 1:
         views_in = np.stack([pooled(data.imagenet_top, data.stem[:, v]) for v in range(data.stem.shape[1])], 1)
+    no_cells = np.zeros((len(pts), 1))
+    onehot = np.eye(n_classes)[data.cell_type]
+
+    def y_of(ps: list[str]) -> np.ndarray:
+        return np.array([labels[p] for p in ps])
+
+    def frozen_methods() -> dict[str, Method]:
+        def cells_of(ps: list[str]) -> np.ndarray:
+            return np.isin(pts, ps)
+
+        return {
+            # (a) cell-level logistic regression on the frozen ImageNet embedding, mean over cells
+            "mean_lr_imagenet": Method(lambda ps: fit_mean_lr(emb_in[cells_of(ps)], data.diagnosis[cells_of(ps)],
+                                                              data.imagenet_top), emb_in, no_cells),
+            # (c) gated-attention MIL on the frozen ImageNet embedding
+            "mil_imagenet": Method(lambda ps: fit_mil_model(
+                bags_of(pts, emb_in, ps), y_of(ps), data.imagenet_top, mil_cfg,
+                None if views_in is None else bags_of(pts, views_in, ps)), emb_in, no_cells),
+        }
+
+    def fold_methods(ct_p: np.ndarray, ct_emb: np.ndarray) -> dict[str, Method]:
+        def props(x: np.ndarray, ps: list[str]) -> np.ndarray:
+            return np.stack([x[pts == p].mean(0) for p in ps])
+
+        return {
+            # (b) proportions of the fold's cell-type CNN -> logistic regression
+            "proportions_cnn": Method(lambda ps: fit_proportions(props(ct_p, ps), y_of(ps), data.imagenet_top),
+                                      emb_in, ct_p),
+            # (b, reference) proportions of the annotators' labels: what (b) could reach with a perfect cell-type
+            # model on this sample of cells (sampling-distorted; see docs/DIAGNOSE.md)
+            "proportions_true_labels": Method(lambda ps: fit_proportions(props(onehot, ps), y_of(ps),
+                                                                         data.imagenet_top), emb_in, onehot),
+            # (c') gated-attention MIL on the fold's cell-type CNN embedding
+            "mil_celltype": Method(lambda ps: fit_mil_model(bags_of(pts, ct_emb, ps), y_of(ps), data.imagenet_top,
+                                                            mil_cfg), ct_emb, ct_p),
+        }
+
     oof: dict[str, list[dict[str, float]]] = {}
-    cell_oof: dict[str, np.ndarray] = {}
+    thresholds: dict[str, dict[str, float]] = {}  # method -> patient -> inner-CV threshold of its outer fold
+    cell_oof = np.zeros((len(pts), n_classes))
     blast: dict = {"per_fold": []}
     blast_test: list[tuple[np.ndarray, ...]] = []
     fold_docs = []
-    n_classes = len(data.ds.classes)
     for r in range(repeats):
         folds = patient_folds(labels, n_splits, seed=r)
         fold_docs.append(folds)
         scores: dict[str, dict[str, float]] = {}
-        ct_proba_oof = np.zeros((len(data.patients), n_classes))
         for k in range(n_splits):
-            tr, te = fold_indices(data.patients, folds, k)
-            assert not set(data.patients[tr]) & set(data.patients[te])
-            tr_names = sorted(set(data.patients[tr]))
-            te_names = sorted(set(data.patients[te]))
-            y_tr = np.array([labels[p] for p in tr_names])
-
-            def put(method: str, pm: PatientModel, emb: np.ndarray, cell_p: np.ndarray,
-                    _names: list[str] = te_names, _scores: dict = scores) -> None:
-                for p in _names:
-                    m = data.patients == p
-                    _scores.setdefault(method, {})[p] = pm.score(emb[m], cell_p[m]).p_apl
-
-            # (a') cell-level logistic regression on the frozen ImageNet embedding, mean over cells
-            put("mean_lr_imagenet", fit_mean_lr(emb_in[tr], data.diagnosis[tr], data.imagenet_top), emb_in,
-                np.zeros((len(emb_in), 1)))
-            # (c) gated-attention MIL on the frozen ImageNet embedding
-            tr_views = None if views_in is None else bags_of(data.patients, views_in, tr_names)
-            put("mil_imagenet", fit_mil_model(bags_of(data.patients, emb_in, tr_names), y_tr, data.imagenet_top,
-                                              mil_cfg, tr_views), emb_in, np.zeros((len(emb_in), 1)))
-            if r >= cnn_repeats:
-                continue
-            split = fold_split(data, folds, k, seed=r)
-            ct_dir = train_fold_cnn(config_file, split, "cell_type", work / f"r{r}-cell_type-fold{k}")
-            ct_p, ct_emb = cnn_on_stem(ct_dir, data.stem[:, 0])
-            ct_proba_oof[te] = ct_p[te]
-            # blast vs rest: operating point on the inner validation patients, applied to the test fold
-            bi = data.ds.classes.index(BLAST)
-            val_paths = set(split.parts["val"])
-            val_idx = np.array([i for i, smp in enumerate(data.ds.samples) if data.ds.relpath(smp) in val_paths])
-            t = operating_point(ct_p[val_idx, bi], data.cell_type[val_idx] == bi)
-            s, sp = sens_spec(ct_p[te, bi], data.cell_type[te] == bi, t)
-            blast["per_fold"].append({"repeat": r, "fold": k, "threshold": t, "test_sensitivity": s,
-                                      "test_specificity": sp,
-                                      "n_val_blasts": int((data.cell_type[val_idx] == bi).sum())})
-            blast_test.append((ct_p[te, bi], data.cell_type[te] == bi, np.full(len(te), t), data.patients[te]))
-            # (b) proportions of the fold's cell-type CNN -> logistic regression
-            props_tr = np.stack([ct_p[data.patients == p].mean(0) for p in tr_names])
-            put("proportions_cnn", fit_proportions(props_tr, y_tr, data.imagenet_top), emb_in, ct_p)
-            # (b, reference) proportions of the annotators' cell-type labels: what (b) could reach with a perfect
-            # cell-type model on this sample of cells (sampling-distorted; see docs/DIAGNOSE.md)
-            onehot = np.eye(n_classes)[data.cell_type]
-            props_true = np.stack([onehot[data.patients == p].mean(0) for p in tr_names])
-            put("proportions_true_labels", fit_proportions(props_true, y_tr, data.imagenet_top), emb_in, onehot)
-            # (a) fine-tuned cell-level AML/APL CNN head, mean over cells
-            if diagnosis_cnn:
-                dx_dir = train_fold_cnn(config_file, split, "diagnosis", work / f"r{r}-diagnosis-fold{k}")
-                _, dx_emb = cnn_on_stem(dx_dir, data.stem[:, 0])
-                put("mean_cnn", mean_from_cnn(dx_dir), dx_emb, ct_p)
-            # (c') gated-attention MIL on the fold's cell-type CNN embedding
-            ct_views = None
-            put("mil_celltype", fit_mil_model(bags_of(data.patients, ct_emb, tr_names), y_tr, data.imagenet_top,
-                                              mil_cfg, ct_views), ct_emb, ct_p)
+            tr, te = fold_indices(pts, folds, k)
+            if set(pts[tr]) & set(pts[te]):
+                raise AssertionError(f"fold {k}: patients on both sides")
+            tr_names, te_names = sorted(set(pts[tr])), sorted(set(pts[te]))
+            methods = frozen_methods()
+            if r < cnn_repeats:
+                split = fold_split(data, folds, k, seed=r)
+                ct_dir = train_fold_cnn(config_file, split, "cell_type", work / f"r{r}-cell_type-fold{k}")
+                ct_p, ct_emb = cnn_on_stem(ct_dir, data.stem[:, 0])
+                cell_oof[te] = ct_p[te]
+                _blast_fold(data, split, ct_p, te, r, k, blast, blast_test)
+                methods.update(fold_methods(ct_p, ct_emb))
+                if diagnosis_cnn:
+                    # (a) fine-tuned cell-level AML/APL CNN head (fold-wise), mean over cells
+                    dx_dir = train_fold_cnn(config_file, split, "diagnosis", work / f"r{r}-diagnosis-fold{k}")
+                    _, dx_emb = cnn_on_stem(dx_dir, data.stem[:, 0])
+                    dx_pm = mean_from_cnn(dx_dir)
+                    methods["mean_cnn"] = Method(lambda ps, _pm=dx_pm: _pm, dx_emb, ct_p)
+            for name, m in methods.items():
+                scores.setdefault(name, {}).update(m.scores(m.fit(tr_names), pts, te_names))
+                if r == 0 and inner_thresholds and name != "mean_cnn":
+                    t = inner_threshold(m, pts, labels, tr_names, seed=k)
+                    thresholds.setdefault(name, {}).update({p: t for p in te_names})
+            log.info("repeat %d fold %d done", r, k)
         for method, sc in scores.items():
             oof.setdefault(method, []).append(sc)
-        if r < cnn_repeats:
-            cell_oof[f"repeat{r}"] = ct_proba_oof
 
-    results: dict = {"n_patients": len(names), "n_apl": int(sum(labels.values())), "n_cells": int(len(data.patients)),
+    results: dict = {"n_patients": len(names), "n_apl": int(sum(labels.values())), "n_cells": int(len(pts)),
                      "n_splits": n_splits, "repeats": repeats, "cnn_repeats": cnn_repeats,
                      "mil_config": mil_cfg.to_dict(), "methods": {}, "folds": fold_docs}
     for method, runs in oof.items():
         per_repeat = [patient_metrics(names, labels, sc, n_boot=1000 if i == 0 else 0) for i, sc in enumerate(runs)]
         aucs = [m["auc"] for m in per_repeat]
-        results["methods"][method] = {"repeat0": per_repeat[0], "auc_repeats": aucs,
-                                      "auc_mean": float(np.mean(aucs)), "auc_sd": float(np.std(aucs)),
-                                      "oof_repeat0": runs[0]}
-    if cell_oof:
-        p = cell_oof["repeat0"]
-        results["cell_type_oof"] = multiclass_metrics(data.cell_type, p, data.ds.classes, n_boot=200,
-                                                      groups=list(data.patients))
+        entry = {"repeat0": per_repeat[0], "auc_repeats": aucs, "auc_mean": float(np.mean(aucs)),
+                 "auc_sd": float(np.std(aucs)), "oof_repeat0": runs[0]}
+        if method in thresholds:
+            t = thresholds[method]
+            called = {p: int(runs[0][p] >= t[p]) for p in names}
+            y = np.array([labels[p] for p in names]).astype(bool)
+            c = np.array([called[p] for p in names]).astype(bool)
+            entry["inner_threshold"] = {"sensitivity": float(c[y].mean()), "specificity": float((~c[~y]).mean()),
+                                        "thresholds_per_fold": sorted(set(t.values()))}
+        results["methods"][method] = entry
+    if blast_test:
+        results["cell_type_oof"] = multiclass_metrics(data.cell_type, cell_oof, data.ds.classes, n_boot=200,
+                                                      groups=list(pts))
         pb, yb, tb, gb = (np.concatenate(x) for x in zip(*blast_test, strict=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -358,3 +409,16 @@ def run_cv(data: CellData, config_file: str | Path, work: Path, n_splits: int = 
                       "auc_ci_high": auc["auc_ci_high"]})
         results["blast_oof"] = blast
     return results
+
+
+def _blast_fold(data: CellData, split: Split, ct_p: np.ndarray, te: np.ndarray, r: int, k: int, blast: dict,
+                blast_test: list) -> None:
+    """Blast vs rest in one fold: operating point on the inner validation patients, applied to the test fold."""
+    bi = data.ds.classes.index(BLAST)
+    val_paths = set(split.parts["val"])
+    val_idx = np.array([i for i, smp in enumerate(data.ds.samples) if data.ds.relpath(smp) in val_paths])
+    t = operating_point(ct_p[val_idx, bi], data.cell_type[val_idx] == bi)
+    s, sp = sens_spec(ct_p[te, bi], data.cell_type[te] == bi, t)
+    blast["per_fold"].append({"repeat": r, "fold": k, "threshold": t, "test_sensitivity": s, "test_specificity": sp,
+                              "n_val_blasts": int((data.cell_type[val_idx] == bi).sum())})
+    blast_test.append((ct_p[te, bi], data.cell_type[te] == bi, np.full(len(te), t), data.patients[te]))

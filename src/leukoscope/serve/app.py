@@ -216,9 +216,10 @@ def tune_onnx(model: LoadedModel, threads: int) -> None:
     """Re-open a model's ONNX Runtime session for serving: ``threads`` intra-op threads and no spin-waiting.
 
     A server runs many requests at once, so parallelism comes from the requests; ONNX Runtime's default (a thread per
-    core that spin-waits between operators) made each 224 px prediction cost ~1.7x the CPU time on 2 shared cores
-    (19 vs 11 ms per image, measured with benchmarks/serve_load.py's image). Same model file, same provider, so the
-    same probabilities (to float rounding). A model on the PyTorch backend is left alone.
+    core that spin-waits between operators) made each 224 px prediction cost twice the CPU time on 2 shared cores
+    (19.2 vs 9.7 CPU-ms per image on the session; 21-24 vs 15 CPU-ms per request through the server, see
+    docs/SERVING.md). Same model file, same provider, so the same probabilities (to float rounding). A model on the
+    PyTorch backend is left alone.
     """
     if model.backend != "onnx" or model._session is None or threads <= 0:
         return

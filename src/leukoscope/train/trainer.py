@@ -191,6 +191,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         if sched and "scheduler" in state:
             sched.load_state_dict(state["scheduler"])
         start_epoch, best_loss, bad_epochs = int(state["epoch"]) + 1, float(state["best_loss"]), int(state["bad"])
+        torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         log.info("resuming after epoch %d", start_epoch)
 
@@ -237,7 +238,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
         if rank == 0:
             state = {"model": trainable.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "best_loss": best_loss, "bad": bad_epochs}
+                     "best_loss": best_loss, "bad": bad_epochs, "torch_rng": torch.get_rng_state()}
             if sched:
                 state["scheduler"] = sched.state_dict()
             ckpt_dir.mkdir(parents=True, exist_ok=True)
