@@ -60,7 +60,7 @@ def scanned(field):
     model = NucleusFraction()
     heat = np.zeros((96, 96), np.float32)
     heat[40:56, 40:56] = 1.0
-    result = scan_field(field, model, ScanConfig(), explainer=lambda crop, k: heat)
+    result = scan_field(field, model, ScanConfig(), explainer=lambda crops, ks: [heat for _ in crops])
     return model, result
 
 

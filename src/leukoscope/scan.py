@@ -211,28 +211,44 @@ def _model_name(model: Any) -> str:
     return str(getattr(model, "name", "") or type(model).__name__)
 
 
-def _default_explainer(model: Any) -> tuple[Callable[[np.ndarray, int], np.ndarray] | None, str]:
-    """Grad-CAM for a model loaded by :func:`leukoscope.models.load_model`; None (and why) for anything else."""
+Explainer = Callable[[list[np.ndarray], list[int]], Sequence[np.ndarray]]
+
+
+def _default_explainer(model: Any) -> tuple[Explainer | None, str]:
+    """Batched Grad-CAM for a model loaded by :func:`leukoscope.models.load_model`; None (and why) otherwise."""
     # A LoadedModel can only exist once its module is imported: checking sys.modules keeps torch out of scans
     # that run another classifier.
     modeldir = sys.modules.get("leukoscope.models.modeldir")
     if modeldir is None or not isinstance(model, modeldir.LoadedModel):
         return None, f"off: Grad-CAM needs a model loaded with leukoscope.models.load_model, got {type(model).__name__}"
-    from leukoscope.explain import gradcam_array
+    import torch
 
-    return (lambda crop, k: gradcam_array(model, crop, target_class=k)), "gradcam on abnormal cells"
+    from leukoscope.explain.cam import CAM, get_method, resolve_layer
+
+    layer = resolve_layer(model.module, get_method("gradcam"), None, model.target_layer)
+
+    def explain(crops: list[np.ndarray], classes: list[int]) -> list[np.ndarray]:
+        # One forward/backward pass per 8 cells (gradcam_array would add a prediction and a pass per cell).
+        out: list[np.ndarray] = []
+        with CAM(model.module, "gradcam", layer, lock=model._lock) as cam:
+            for i in range(0, len(crops), 8):
+                x = torch.from_numpy(model.prepare_batch(crops[i:i + 8]))
+                out.extend(cam(x, classes[i:i + 8]))
+        return out
+
+    return explain, "gradcam on abnormal cells"
 
 
 def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = None,
-               explainer: Callable[[np.ndarray, int], np.ndarray] | None = None) -> FieldResult:
+               explainer: Explainer | None = None) -> FieldResult:
     """Find, classify and flag the white cells of one smear field.
 
     Args:
         rgb: the field, ``(H, W, 3)`` uint8 RGB (not modified).
         model: any object with ``classes``, ``input_size`` and ``predict_arrays(list of RGB arrays) -> (N, C)``.
         config: scan settings.
-        explainer: ``f(crop, class_index) -> (h, w) heat in [0, 1]`` for the abnormal cells; default Grad-CAM when
-            ``model`` is a :class:`leukoscope.models.LoadedModel`, else none.
+        explainer: ``f(crops, class_indices) -> heatmaps`` (each ``(h, w)`` in [0, 1]) for the abnormal cells;
+            default Grad-CAM when ``model`` is a :class:`leukoscope.models.LoadedModel`, else none.
     """
     cfg = config or ScanConfig()
     check_rgb(rgb, "field")
@@ -264,16 +280,20 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
         probs = {n: float(v) for n, v in zip(classes, p, strict=True)}
         cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab, p_ab >= cfg.abnormal_threshold, box))
     note = "off"
-    if cfg.gradcam and any(c.abnormal for c in cells):
+    if cfg.gradcam and not any(c.abnormal for c in cells):
+        note = "no abnormal cells"
+    elif cfg.gradcam:
         if explainer is None:
             explainer, note = _default_explainer(model)
         else:
             note = "gradcam on abnormal cells"
         if explainer is not None:
             flagged = sorted((i for i, c in enumerate(cells) if c.abnormal), key=lambda i: -cells[i].p_abnormal)
-            for i in flagged[:cfg.max_gradcam]:
-                k = max(ab_idx, key=lambda j: proba[i, j])
-                cells[i].heatmap = np.asarray(explainer(crops[i], k), dtype=np.float32)
+            flagged = flagged[:cfg.max_gradcam]
+            targets = [max(ab_idx, key=lambda j, i=i: proba[i, j]) for i in flagged]
+            heats = explainer([crops[i] for i in flagged], targets)
+            for i, heat in zip(flagged, heats, strict=True):
+                cells[i].heatmap = np.asarray(heat, dtype=np.float32)
     h, w = rgb.shape[:2]
     return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note)
 

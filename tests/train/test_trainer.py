@@ -86,7 +86,7 @@ def test_temperature_scaling_fixes_overconfidence():
     margin = np.where(rng.random(2000) < 0.8, 1.0, -1.0) * (2 * y - 1)  # 80% right
     logits = np.stack([-margin, margin], 1) * 4.0  # far too confident for 80% accuracy
     t = fit_temperature(logits, y)
-    acc = float((margin > 0).mean())
+    acc = float(((margin > 0) == (y == 1)).mean())
     # the NLL optimum puts sigmoid(8 / T) at the empirical accuracy: T = 8 / logit(acc) (~5.8 for 80%)
     np.testing.assert_allclose(t, 8.0 / np.log(acc / (1 - acc)), rtol=1e-3)
 

@@ -132,6 +132,7 @@ class Diagnoser:
             if key in need and spec.get(key) != need[key]:
                 raise ValueError(f"patient model {self.model.name!r} needs a cell-type model whose stem is "
                                  f"{key}={need[key]!r}; {self.cell_model.path} has {spec.get(key)!r}")
+        self._scorer: LoadedModel | None = None
         sha = self.model.info.get("cell_type_model_sha256")
         if sha and self.cell_model.info.get("weights_sha256") != sha and self.model.method == "proportions":
             log.warning("the cell-type model %s is not the one %s was trained with: proportions may shift",
@@ -183,7 +184,7 @@ class Diagnoser:
 
     def scorer(self) -> LoadedModel:
         """The cell -> (AML, APL) score network as a :class:`LoadedModel`, for the explain tools."""
-        if getattr(self, "_scorer", None) is None:
+        if self._scorer is None:
             ct = self.cell_model
             head = _CellTypeHead(ct.module) if self.model.method == "proportions" else None
             module = self.model.scorer_module(ct.module._stem, head, ct.temperature).eval()
