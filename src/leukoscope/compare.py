@@ -306,7 +306,7 @@ def _notes(result: dict) -> list[str]:
                "(unweighted; a class absent from the test part is left out), and AUC is the macro one-vs-rest AUC; "
                "the ROC plot shows macro-averaged one-vs-rest curves.")
     n = {name: r["row"]["n"] for name, r in result["models"].items()}
-    notes = [f"Dataset {result['dataset']!r}, target {result['target']!r} ({', '.join(classes)}); groups: "
+    notes = [f"Dataset {result['dataset']!r}, target {result['target']!r} ({', '.join(map(repr, classes))}); groups: "
              f"{result['group_by']}."]
     if s["kind"] == "holdout":
         notes.append(f"One stratified group holdout split (seed {s['seed']}): train {s['sizes']['train']} / val "

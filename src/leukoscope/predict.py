@@ -6,6 +6,7 @@ import csv
 import glob
 import io
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,8 +74,17 @@ def _prepared(model: LoadedModel, paths: list[Path], workers: int) -> Iterator[t
         except ImageReadError as exc:
             return exc.reason
 
+    window = 64  # bounded read-ahead: memory stays flat however many files there are
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        yield from zip(paths, pool.map(load, paths))
+        pending: deque = deque()
+        for p in paths:
+            pending.append((p, pool.submit(load, p)))
+            if len(pending) >= window:
+                q, fut = pending.popleft()
+                yield q, fut.result()
+        while pending:
+            q, fut = pending.popleft()
+            yield q, fut.result()
 
 
 def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size: int = 32, workers: int = 2,

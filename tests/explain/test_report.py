@@ -51,7 +51,8 @@ def test_write_explanations_files_and_index(cnn_model, cnmc_paths, tmp_path):
 
 
 def test_cli_explain_exit_status_and_outputs(cnn_model, cnmc_paths, tmp_path, capsys):
-    model_dir = save_model_dir(tmp_path / "model", cnn_model.module, {
+    model_dir = tmp_path / "model"
+    save_model_dir(model_dir, cnn_model.module, {
         "name": "test-cnn", "spec": cnn_model.info["spec"], "classes": cnn_model.classes,
         "preprocess": cnn_model.preprocess.to_dict(), "temperature": 1.0, "target_layer": "backbone.bn2"})
     folder = tmp_path / "imgs"

@@ -112,7 +112,8 @@ class PatientModel:
         w, b = self.linear[:-1], float(self.linear[-1])
         if self.method == "mean":
             p_cell = _sigmoid(self._standardise(emb) @ w + b)
-            return BagScore(float(p_cell.mean()), np.full(n, 1.0 / n), p_cell, "equal weight (1 / n)")
+            return BagScore(float(p_cell.mean()), np.full(n, 1.0 / n), p_cell,
+                            "how strongly the cell alone points to the label (every cell has weight 1 / n in the mean)")
         # proportions: logistic regression on the mean cell-type probability vector
         props = cell_proba.mean(0, keepdims=True)
         p = float(_sigmoid(self._standardise(props) @ w + b)[0])

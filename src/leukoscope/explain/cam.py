@@ -208,19 +208,20 @@ class CAM:
             raise
         return self
 
-    def __call__(self, x: torch.Tensor, targets: list[int]) -> np.ndarray:
-        """Maps ``(N, H, W)`` float32 in [0, 1] at the input's resolution, for class ``targets[i]`` of image ``i``."""
+    def __call__(self, x: torch.Tensor, targets: list[int] | None = None) -> np.ndarray:
+        """Maps ``(N, H, W)`` float32 in [0, 1] at the input's resolution, for class ``targets[i]`` of image ``i``
+        (None: each image's highest-scoring class, from the same forward pass)."""
         if self._cam is None:
             raise RuntimeError("use CAM inside a `with` block: hooks are attached on entry and removed on exit")
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        if len(targets) != x.shape[0]:
+        if targets is not None and len(targets) != x.shape[0]:
             raise ValueError(f"got {len(targets)} target classes for a batch of {x.shape[0]} images")
         # The input carries the gradient (parameters do not) so the target layer's output requires grad; this also
         # keeps PyTorch's fused TransformerEncoderLayer fast path, which would bypass the hooked norm, switched off.
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            maps = self._cam(x, [ClassifierOutputTarget(int(t)) for t in targets])
+            maps = self._cam(x, None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets])
         return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
@@ -282,10 +283,11 @@ def occlusion_map(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return np.clip(heat / top, 0, 1).astype(np.float32) if top > 0 else np.zeros((h, w), np.float32)
 
 
-def explain_tensor(module: nn.Module, x: torch.Tensor, target: int, method: str = "gradcam", layer: str = "",
+def explain_tensor(module: nn.Module, x: torch.Tensor, target: int | None, method: str = "gradcam", layer: str = "",
                    lock: threading.Lock | None = None,
                    logits_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """One normalised image ``(1, 3, S, S)`` -> map ``(S, S)`` float32 in [0, 1] for class ``target``.
+    """One normalised image ``(1, 3, S, S)`` -> map ``(S, S)`` float32 in [0, 1] for class ``target`` (None: the
+    highest-scoring class).
 
     Args:
         layer: the layer a CAM method explains (ignored by occlusion).
@@ -296,21 +298,24 @@ def explain_tensor(module: nn.Module, x: torch.Tensor, target: int, method: str 
     m = get_method(method)
     if m.cam_class is not None:
         with CAM(module, method, layer, lock=lock, logits_fn=logits_fn) as cam:
-            return cam(x, [target])[0]
+            return cam(x, None if target is None else [target])[0]
     if logits_fn is not None:
         def score(b: torch.Tensor) -> torch.Tensor:
             z = torch.from_numpy(np.asarray(logits_fn(b.numpy().astype(np.float32)))).float()
-            return torch.log_softmax(z, dim=1)[:, target]
+            return torch.log_softmax(z, dim=1)[:, k]
 
+        k = target if target is not None else int(np.argmax(logits_fn(x.numpy().astype(np.float32))[0]))
         return occlusion_map(score, x)
 
     def score_torch(b: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(module(b).float(), dim=1)[:, target]
+        return torch.log_softmax(module(b).float(), dim=1)[:, k]
 
     with lock if lock is not None else nullcontext():
         was = [mm.training for mm in module.modules()]
         module.eval()
         try:
+            with torch.no_grad():
+                k = target if target is not None else int(module(x)[0].argmax())
             return occlusion_map(score_torch, x)
         finally:
             for mm, t in zip(module.modules(), was, strict=True):

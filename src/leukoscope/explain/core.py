@@ -62,7 +62,8 @@ def class_index(model: LoadedModel, target_class: int | str | None, proba: np.nd
     return k
 
 
-def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int, method: str, layer: str | None) -> tuple[np.ndarray, str]:
+def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, layer: str | None
+             ) -> tuple[np.ndarray, str]:
     m = get_method(method)
     layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
     x = torch.from_numpy(model.preprocess(rgb))[None]
@@ -88,7 +89,8 @@ def gradcam_array(model: LoadedModel | str | Path | None, rgb: np.ndarray, targe
     """
     model = as_model(model)
     rgb = as_rgb(rgb)
-    k = class_index(model, target_class, model.predict_arrays([rgb])[0] if target_class is None else np.zeros(0))
+    # None: the predicted class, taken from the explaining forward pass itself (argmax of logits / T = of logits)
+    k = None if target_class is None else class_index(model, target_class, np.zeros(0))
     return _heatmap(model, rgb, k, method, layer)[0]
 
 

@@ -57,6 +57,8 @@ def write_explanations(model: LoadedModel | str | Path | None, paths: Iterable[s
     from leukoscope.predict import collect_paths
 
     model = as_model(model)
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_paths(paths)
@@ -153,7 +155,8 @@ method {method_title}; {len(ok)} image(s) explained, {len(bad)} unreadable.</div
 <p class=note>Confidence is the model's calibrated probability of its predicted class. The heatmap shows where the
 network's evidence for the explained class lies (red = most); it is not a segmentation and not a diagnosis. A research
 tool: results must be reviewed by a qualified person.</p>
-<table id=results data-col=4 data-dir=desc><thead><tr><th class=sort onclick="sortBy(0,false)">image</th><th>original</th><th>heatmap</th>
+<table id=results data-col=4 data-dir=desc><thead><tr><th class=sort onclick="sortBy(0,false)">image</th>
+<th>original</th><th>heatmap</th>
 <th class=sort onclick="sortBy(3,false)">class</th><th class=sort onclick="sortBy(4,true)">confidence</th>
 <th>probabilities</th><th>explanation</th></tr></thead><tbody>
 {''.join(rows)}

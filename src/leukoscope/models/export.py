@@ -19,12 +19,22 @@ def export_onnx(module: torch.nn.Module, size: int, path: str | Path, opset: int
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     module.eval()
     x = torch.zeros(1, 3, size, size)
+    # the fused (fast-path) Transformer kernel has no ONNX form: export the plain composition
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _export(module, x, tmp, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    os.replace(tmp, path)
+    return path
+
+
+def _export(module: torch.nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
     with torch.no_grad():
         torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
-    os.replace(tmp, path)
-    return path
 
 
 def max_abs_diff(module: torch.nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:

@@ -60,8 +60,8 @@ class StemCache:
 
     @torch.inference_mode()
     def compute(self, stem: nn.Module, samples: list[Sample], views: int, preprocess: Preprocess, augment: Augment,
-                seed: int, batch_size: int = 32, desc: str = "stem features") -> tuple[torch.Tensor, list[int],
-                                                                                       list[tuple[str, str]]]:
+                seed: int, batch_size: int = 32, desc: str = "stem features",
+                progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
         """Features (N_ok, V, ...) for ``views`` views of each readable sample, their indices, and failures."""
         stem.eval()
         todo = []
@@ -70,7 +70,7 @@ class StemCache:
                 if _sample_key(s.path, v) not in self.data:
                     todo.append((i, v))
         failed: dict[int, str] = {}
-        pbar = tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=not todo)
+        pbar = tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=not todo or not progress)
         batch, keys = [], []
         run = _fast_runner(stem, preprocess.size) if todo else None
 

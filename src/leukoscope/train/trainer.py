@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         data = {}
         for name, part, views in (("train", train_ds, 1 + cfg.aug_views), ("val", val_ds, 1), ("test", test_ds, 1)):
             feats, ok, failed = cache.compute(net._stem, part.samples, views, pre, aug, cfg.seed,
-                                              desc=f"stem features ({name}, {views} view(s))")
+                                              desc=f"stem features ({name}, {views} view(s))", progress=progress)
             failures += failed
             data[name] = (feats, torch.tensor([y_of[part.samples[i].label] for i in ok]), [part.samples[i] for i in ok])
         del cache
