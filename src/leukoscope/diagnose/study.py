@@ -201,7 +201,7 @@ def mean_from_cnn(model_dir: str | Path, top_source: str = "cnn") -> PatientMode
         raise ValueError(f"{model_dir} is not an AML/APL cell model (classes {m.classes})")
     lin = m.module.head[-1]
     w = (lin.weight[1] - lin.weight[0]).detach().numpy() / m.temperature
-    b = float(lin.bias[1] - lin.bias[0]) / m.temperature
+    b = float((lin.bias[1] - lin.bias[0]).detach()) / m.temperature
     top = copy_top(m.module.backbone.conv_head, m.module.backbone.bn2)
     return PatientModel("apl", None, "mean", {"cell_classifier": f"fine-tuned CNN head ({top_source})"}, top,
                         np.zeros(len(w)), np.ones(len(w)), linear=np.concatenate([w, [b]]))
