@@ -219,6 +219,8 @@ def main() -> None:
                     help="also (a) with a fold-wise fine-tuned cell-level AML/APL CNN (5 more trainings per repeat)")
     ap.add_argument("--ship-apl", metavar="DIR", help="fit the best method on all patients and write it here")
     ap.add_argument("--update-card", action="store_true", help="add per-class and blast sections to the cell-type card")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the cross-validation from --out (a previous run) instead of running it again")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deepapl_targets.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -231,9 +233,15 @@ def main() -> None:
     ct_dir = Path(args.cell_type_model)
     shipped = shipped_cell_type(data, ct_dir) if (ct_dir / "model.json").exists() else None
     mil_cfg = MILConfig()
-    cv = run_cv(data, CONFIG, Path(args.work), n_splits=args.folds, repeats=args.repeats,
-                cnn_repeats=args.cnn_repeats, mil_cfg=mil_cfg, diagnosis_cnn=args.diagnosis_cnn)
-    out = {"unreadable": data.unreadable, "shipped_cell_type": shipped, "cv": cv, "seconds": round(time.time() - t0)}
+    if args.reuse:
+        previous = json.loads(Path(args.out).read_text())
+        cv, t_cv = previous["cv"], previous.get("seconds_cv", previous.get("seconds"))
+        print(f"cross-validation taken from {args.out}")
+    else:
+        cv = run_cv(data, CONFIG, Path(args.work), n_splits=args.folds, repeats=args.repeats,
+                    cnn_repeats=args.cnn_repeats, mil_cfg=mil_cfg, diagnosis_cnn=args.diagnosis_cnn)
+        t_cv = round(time.time() - t0)
+    out = {"unreadable": data.unreadable, "shipped_cell_type": shipped, "cv": cv, "seconds_cv": t_cv}
 
     print("\n== Blast vs rest (cell-type model) ==")
     print(f"{'source':<46} {'threshold':>9} {'sens':>6} {'spec':>6} {'AUC':>6}  target met")
@@ -306,6 +314,7 @@ def main() -> None:
     cv.pop("folds", None)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    out["seconds"] = round(time.time() - t0)
     path.write_text(json.dumps(out, indent=1, default=float))
     print(f"wrote {path} ({out['seconds']} s)")
 
