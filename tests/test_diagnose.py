@@ -207,3 +207,8 @@ def test_cell_scorer_matches_bag_scores_and_heatmap_is_informative(deepapl):
         heat = d.heatmap(images[0], target=target)
         assert heat.shape == images[0].shape[:2] and 0 <= heat.min() and heat.max() <= 1
         assert heat.max() - heat.min() > 0.5  # not a flat map
+
+
+def test_cli_names_an_unknown_patient_model(patient_dirs, capsys):
+    assert main(["diagnose", str(patient_dirs[0]), "--model", "aplx"]) == 2
+    assert "Unknown patient model 'aplx'. Did you mean 'apl'?" in capsys.readouterr().err

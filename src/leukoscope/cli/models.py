@@ -19,6 +19,10 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for name in shipped_models():
         info = json.loads((SHIPPED_DIR / name / "model.json").read_text())
+        if "spec" not in info:  # patient-level (apl) and flow models have their own formats
+            rows.append({"name": name, "classes": list(info.get("classes", [])), "backbone": info.get("format", "-"),
+                         "test_accuracy": None, "test_auc": None})
+            continue
         mpath = SHIPPED_DIR / name / "metrics.json"
         m = json.loads(mpath.read_text())["per_image"] if mpath.exists() else {}
         rows.append({"name": name, "classes": info["classes"], "backbone": info["spec"]["backbone"],
@@ -27,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['name']:<16} {r['backbone']:<20} classes={','.join(r['classes'])}  "
-                  f"test accuracy={r['test_accuracy']:.3f} AUC={r['test_auc']:.3f}")
+            score = (f"test accuracy={r['test_accuracy']:.3f} AUC={r['test_auc']:.3f}" if r["test_auc"] is not None
+                     else "(see its MODEL_CARD.md)")
+            print(f"{r['name']:<16} {r['backbone']:<20} classes={','.join(r['classes'])}  {score}")
     return 0

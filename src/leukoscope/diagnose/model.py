@@ -192,7 +192,20 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
+def shipped_patient_models() -> list[str]:
+    """Names of the shipped patient-level models (model directories in this format)."""
+    out = []
+    for name in shipped_models():
+        try:
+            if json.loads((SHIPPED_DIR / name / "model.json").read_text()).get("format") == FORMAT:
+                out.append(name)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def resolve_patient_model_dir(name_or_dir: str | Path | None) -> Path:
+    """A patient-model directory from a path or a shipped name (default ``apl``)."""
     from leukoscope._registry import unknown_name_message
 
     name_or_dir = name_or_dir or DEFAULT_PATIENT_MODEL
@@ -203,7 +216,7 @@ def resolve_patient_model_dir(name_or_dir: str | Path | None) -> Path:
         return path
     if (SHIPPED_DIR / str(name_or_dir) / "model.json").exists():
         return SHIPPED_DIR / str(name_or_dir)
-    raise ValueError(unknown_name_message("patient model", str(name_or_dir), shipped_models()) +
+    raise ValueError(unknown_name_message("patient model", str(name_or_dir), shipped_patient_models()) +
                      " (or pass the path of a model directory)")
 
 
