@@ -206,18 +206,9 @@ def shipped_patient_models() -> list[str]:
 
 def resolve_patient_model_dir(name_or_dir: str | Path | None) -> Path:
     """A patient-model directory from a path or a shipped name (default ``apl``)."""
-    from leukoscope._registry import unknown_name_message
+    from leukoscope.models.modeldir import resolve_model_dir
 
-    name_or_dir = name_or_dir or DEFAULT_PATIENT_MODEL
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        if not (path / "model.json").exists():
-            raise FileNotFoundError(f"{path} is not a model directory (no model.json)")
-        return path
-    if (SHIPPED_DIR / str(name_or_dir) / "model.json").exists():
-        return SHIPPED_DIR / str(name_or_dir)
-    raise ValueError(unknown_name_message("patient model", str(name_or_dir), shipped_patient_models()) +
-                     " (or pass the path of a model directory)")
+    return resolve_model_dir(name_or_dir, DEFAULT_PATIENT_MODEL, "patient model", shipped_patient_models())
 
 
 def load_patient_model(name_or_dir: str | Path | None = None) -> PatientModel:

@@ -70,9 +70,10 @@ def shipped_models() -> list[str]:
                   .exists())
 
 
-def resolve_model_dir(name_or_dir: str | Path | None) -> Path:
+def resolve_model_dir(name_or_dir: str | Path | None, default: str = DEFAULT_MODEL, kind: str = "model",
+                      available: list[str] | None = None) -> Path:
     """A model directory from a path or a shipped model's name (default ``leukemia-cell``)."""
-    name_or_dir = name_or_dir or DEFAULT_MODEL
+    name_or_dir = name_or_dir or default
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not (path / "model.json").exists():
@@ -80,7 +81,8 @@ def resolve_model_dir(name_or_dir: str | Path | None) -> Path:
         return path
     if (SHIPPED_DIR / str(name_or_dir) / "model.json").exists():
         return SHIPPED_DIR / str(name_or_dir)
-    raise ValueError(unknown_name_message("model", str(name_or_dir), shipped_models()) +
+    names = shipped_models() if available is None else available
+    raise ValueError(unknown_name_message(kind, str(name_or_dir), names) +
                      " (or pass the path of a model directory)")
 
 
