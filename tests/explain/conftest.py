@@ -53,3 +53,16 @@ def _hooks_left(module: torch.nn.Module) -> list[str]:
 def no_hooks():
     """``no_hooks(module)``: names of submodules that still carry a hook of any kind."""
     return _hooks_left
+
+
+@pytest.fixture()
+def onnx_twin(tmp_path):
+    """``onnx_twin(model)``: the same network as a model on the ONNX backend (for the stem; logits stay PyTorch), with
+    its own cache key, so that explanations take the ONNX Runtime stem path."""
+    import dataclasses
+
+    def make(model: LoadedModel) -> LoadedModel:
+        info = dict(model.info, weights_sha256=f"test-{model.name}-{tmp_path.name}")
+        return dataclasses.replace(model, path=tmp_path, info=info, backend="onnx", _session=None)
+
+    return make

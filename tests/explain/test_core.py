@@ -99,3 +99,30 @@ def test_hottest_region_box_and_share():
     np.testing.assert_allclose(r["area_fraction"], 20 * 40 / 20000, rtol=1e-6)
     np.testing.assert_allclose(r["heat_share"], 800 / (800 + 0.8 * 2100 + 0.4), rtol=1e-5)
     assert hottest_region(np.zeros((4, 5), np.float32))["bbox"] == [0, 0, 5, 4]
+
+
+@pytest.mark.parametrize("kind,method", [("cnn", "gradcam"), ("cnn", "gradcam++"), ("hybrid", "gradcam")])
+def test_onnx_stem_path_gives_the_pytorch_heatmap(request, cnmc_paths, kind, method, no_hooks, onnx_twin):
+    model = request.getfixturevalue(f"{kind}_model")
+    twin = onnx_twin(model)
+    rgb = read_image(cnmc_paths[7])
+    ref = explain(rgb, model, method=method)
+    fast = explain(rgb, twin, method=method)
+    assert twin._stem_session not in (None, False)  # the stem really ran in ONNX Runtime
+    assert model._stem_session is None
+    assert fast.label == ref.label and fast.target_layer == ref.target_layer
+    assert ref.heatmap.max() > 0
+    # the stem's features differ from PyTorch's by float rounding only: so do the maps
+    np.testing.assert_allclose(fast.heatmap, ref.heatmap, rtol=0, atol=0.02)
+    assert no_hooks(model.module) == []
+    assert all(p.grad is None for p in model.module.parameters())
+    assert all(p.requires_grad for p in model.module.parameters())  # flags restored
+
+
+def test_layer_inside_the_stem_takes_the_full_path(cnn_model, cnmc_paths, onnx_twin):
+    twin = onnx_twin(cnn_model)
+    rgb = read_image(cnmc_paths[7])
+    ref = gradcam_array(cnn_model, rgb, layer="backbone.blocks.4")  # a stride-16 stage: part of the frozen stem
+    fast = gradcam_array(twin, rgb, layer="backbone.blocks.4")
+    assert twin._stem_session is None
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-5)

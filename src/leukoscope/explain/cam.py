@@ -165,7 +165,13 @@ class CAM:
 
     On ``__exit__`` (also after an exception, which propagates) the hooks are removed and every parameter's
     ``requires_grad`` and every submodule's ``training`` flag are restored. Parameters do not get ``.grad``: while
-    the hooks are attached they stop requiring gradients and the input carries them instead.
+    the hooks are attached they stop requiring gradients.
+
+    Where gradients start: in a CNN the target layer's output is made a leaf that requires grad, so the forward pass
+    below it builds no autograd graph and the backward pass stops there (the maps only need the gradient at that
+    layer; half the CPU time of back-propagating to the input, see docs/EXPLAIN.md). A model with Transformer
+    encoder layers lets the input carry the gradient instead: it keeps PyTorch's fused encoder fast path, which
+    would bypass the hooked sub-layer, switched off.
 
     Args:
         module: the network (logits out).
@@ -188,6 +194,8 @@ class CAM:
         self._cam = None
         self._saved: tuple[list[bool], list[bool]] | None = None
         self._held = False
+        self._leaf_hook = None
+        self._grad_from_input = any(isinstance(m, nn.TransformerEncoderLayer) for m in module.modules())
 
     def __enter__(self) -> CAM:
         if self._lock is not None:
@@ -195,11 +203,16 @@ class CAM:
             self._held = True
         try:
             params = list(self.module.parameters())
-            self._saved = ([p.requires_grad for p in params], [m.training for m in self.module.modules()])
+            modes = [m.training for m in self.module.modules()]
+            self._saved = ([p.requires_grad for p in params], modes if any(modes) else [])
             for p in params:
                 p.requires_grad_(False)
-            self.module.eval()
+            if any(modes):  # (walking every module costs milliseconds: only when something is in training mode)
+                self.module.eval()
             target = self.module.get_submodule(self.layer)
+            if self.method.uses_gradients and not self._grad_from_input:
+                # Registered before the library's hooks, so they see (and take gradients of) this leaf.
+                self._leaf_hook = target.register_forward_hook(_gradient_leaf)
             self._cam = self.method.cam_class(self.module, [target], reshape_transform=tokens_to_grid)
             if self._logits_fn is not None and hasattr(self._cam, "logits_fn"):
                 self._cam.logits_fn = self._logits_fn
@@ -217,9 +230,10 @@ class CAM:
 
         if targets is not None and len(targets) != x.shape[0]:
             raise ValueError(f"got {len(targets)} target classes for a batch of {x.shape[0]} images")
-        # The input carries the gradient (parameters do not) so the target layer's output requires grad; this also
-        # keeps PyTorch's fused TransformerEncoderLayer fast path, which would bypass the hooked norm, switched off.
-        x = x.detach().clone().requires_grad_(True)
+        # Parameters carry no gradient: in a CNN the target layer's output becomes the leaf that does (see the class
+        # docstring); with Transformer layers the input carries it, which keeps the fused encoder fast path (it would
+        # bypass the hooked norm) switched off.
+        x = x.detach().clone().requires_grad_(self._grad_from_input or not self.method.uses_gradients)
         with torch.enable_grad():
             maps = self._cam(x, None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets])
         return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0)
@@ -233,17 +247,26 @@ class CAM:
             if self._cam is not None:
                 self._cam.activations_and_grads.release()
                 self._cam = None
+            if self._leaf_hook is not None:
+                self._leaf_hook.remove()
+                self._leaf_hook = None
             if self._saved is not None:
                 flags, modes = self._saved
                 for p, f in zip(self.module.parameters(), flags, strict=True):
                     p.requires_grad_(f)
-                for m, t in zip(self.module.modules(), modes, strict=True):
-                    m.training = t
+                if modes:
+                    for m, t in zip(self.module.modules(), modes, strict=True):
+                        m.training = t
                 self._saved = None
         finally:
             if self._held:
                 self._held = False
                 self._lock.release()
+
+
+def _gradient_leaf(_: nn.Module, __: object, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the layer's output as a new leaf that requires grad (the backward pass ends here)."""
+    return output.detach().requires_grad_(True)
 
 
 def occlusion_map(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int = 7,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from leukoscope.data.images import read_image
-from leukoscope.explain.cam import explain_tensor, get_method, resolve_layer
+from leukoscope.explain.cam import Method, explain_tensor, get_method, resolve_layer
 from leukoscope.explain.overlay import render_overlay
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
@@ -62,14 +62,55 @@ def class_index(model: LoadedModel, target_class: int | str | None, proba: np.nd
     return k
 
 
+class _Top(torch.nn.Module):
+    """The part of a network above its stem, as a module: stem features in, logits out.
+
+    Only the top's modules are registered (the network's ``trainable_modules()``), so the CAM's bookkeeping (eval
+    mode, frozen parameters, hooks) walks a few dozen modules instead of the whole backbone."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(net.trainable_modules())
+        object.__setattr__(self, "_net", net)  # not registered: its stem is not part of this module
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self._net.head(self._net.top(f))
+
+    def name_of(self, layer: torch.nn.Module) -> str | None:
+        return next((name for name, m in self.named_modules() if m is layer), None)
+
+
+def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str] | None:
+    """The model's top and the name of ``layer`` in it, when a gradient method explains a layer above the stem of a
+    model whose stem runs in ONNX Runtime (cached on the model)."""
+    net = model.module
+    if (model.backend != "onnx" or not method.uses_gradients or method.cam_class is None
+            or getattr(net, "_stem", None) is None or not hasattr(net, "top") or not hasattr(net, "trainable_modules")):
+        return None
+    cache = model.__dict__.setdefault("_explain_tops", {})
+    if layer not in cache:
+        top = _Top(net)
+        name = top.name_of(net.get_submodule(layer))
+        cache[layer] = None if name is None else (top, name)
+    return cache[layer]
+
+
 def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, layer: str | None
              ) -> tuple[np.ndarray, str]:
     m = get_method(method)
     layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
     x = torch.from_numpy(model.preprocess(rgb))[None]
-    # With an ONNX Runtime session (predict's fast path) the gradient-free methods' many forward passes use it.
-    fast = model.logits if model.backend == "onnx" else None
-    small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock, logits_fn=fast)
+    top = _top_part(model, m, layer_name)
+    features = None if top is None else model.stem_features(x.numpy())
+    if features is not None:
+        # Gradient methods on a layer above the stem: the stem runs in ONNX Runtime, PyTorch only runs the top.
+        small = explain_tensor(top[0], torch.from_numpy(features), k, method, top[1], lock=model._lock)
+        if small.shape != x.shape[-2:]:  # the map at the network's input size first, as the library makes it
+            small = cv2.resize(small, x.shape[-2:][::-1], interpolation=cv2.INTER_LINEAR)
+    else:
+        # With an ONNX Runtime session (predict's fast path) the gradient-free methods' many forward passes use it.
+        fast = model.logits if model.backend == "onnx" else None
+        small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock, logits_fn=fast)
     h, w = rgb.shape[:2]
     # Preprocess squashes the whole image to S x S, so resizing back is the exact inverse of its geometry.
     heat = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) if small.shape != (h, w) else small

@@ -128,6 +128,9 @@ class LoadedModel:
     backend: str = "torch"
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stem_session: Any = None
+    _session_threads: int = 0
+    _stem_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def input_size(self) -> int:
@@ -136,6 +139,36 @@ class LoadedModel:
     @property
     def target_layer(self) -> str:
         return self.info.get("target_layer", "")
+
+    def set_onnx_threads(self, threads: int) -> None:
+        """Re-open the ONNX Runtime session with ``threads`` (see :func:`onnx_session`); no-op on PyTorch."""
+        if self.backend == "onnx" and self._session is not None:
+            self._session = onnx_session(onnx_path_for(self), threads)
+            self._session_threads = threads
+            with self._stem_lock:
+                self._stem_session = None
+
+    def stem_features(self, x: np.ndarray) -> np.ndarray | None:
+        """The output of the network's stem (the frozen part below the trained stage) for a prepared batch, through
+        ONNX Runtime; the stem is exported once to the cache. None on the PyTorch backend, for a network without a
+        stem, or when the export fails. Explanations use it: only the part above the stem needs PyTorch."""
+        if self.backend != "onnx" or not hasattr(self.module, "stem"):
+            return None
+        with self._stem_lock:
+            if self._stem_session is None:
+                path = onnx_path_for(self).with_suffix(".stem.onnx")
+                if not path.exists():
+                    from leukoscope.models.export import export_onnx
+
+                    try:
+                        export_onnx(_Stem(self.module), self.input_size, path)
+                    except Exception as exc:  # read-only cache, ...: explanations fall back to PyTorch
+                        log.warning("stem export to ONNX failed (%s); explaining in PyTorch", exc)
+                        self._stem_session = False
+                        return None
+                self._stem_session = onnx_session(path, threads=1 if self._session_threads else 0)
+            session = self._stem_session
+        return None if session is False else session.run(None, {"input": x})[0]
 
     def prepare_batch(self, images: list[np.ndarray]) -> np.ndarray:
         return np.stack([self.preprocess(im) for im in images]).astype(np.float32)
@@ -175,6 +208,17 @@ class LoadedModel:
         return ok, arr, failed
 
 
+class _Stem(nn.Module):
+    """The stem of a network with ``stem()``, as a module of its own (for export)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.stem(x)
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -191,7 +235,29 @@ def onnx_path_for(model: LoadedModel) -> Path:
     return cache_root() / "onnx" / f"{model.info.get('weights_sha256', 'unknown')[:16]}.onnx"
 
 
-def _attach_onnx(model: LoadedModel, required: bool) -> None:
+def onnx_session(path: str | Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session of ``path``.
+
+    Args:
+        threads: 0 keeps ONNX Runtime's default (a thread per core, spin-waiting between operators: the fastest for
+            one caller with big batches, e.g. ``leukoscope predict``); ``n > 0`` gives ``n`` intra-op threads that do
+            not spin-wait, for a server whose parallelism comes from concurrent requests (spinning threads of
+            several requests burn the cores the others need; docs/SERVING.md has the measurements).
+    """
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (ONNX Runtime's default) or more, got {threads}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _attach_onnx(model: LoadedModel, required: bool, threads: int = 0) -> None:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -212,18 +278,18 @@ def _attach_onnx(model: LoadedModel, required: bool) -> None:
                 raise
             log.warning("ONNX export failed (%s); using PyTorch", exc)
             return
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    model._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model._session = onnx_session(path, threads)
+    model._session_threads = threads
     model.backend = "onnx"
 
 
-def load_model(name_or_dir: str | Path | None = None, backend: str = "auto") -> LoadedModel:
+def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0) -> LoadedModel:
     """Load a model directory or a shipped model by name (default ``leukemia-cell``).
 
     Args:
         backend: ``auto`` (ONNX Runtime when the directory has ``model.onnx`` and onnxruntime is installed, else
             PyTorch), ``torch`` or ``onnx``.
+        onnx_threads: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its default).
     """
     from safetensors.torch import load_file
 
@@ -236,7 +302,7 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto") -> 
     model = LoadedModel(info.get("name", path.name), path, module, list(info["classes"]),
                         Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info)
     if backend in ("auto", "onnx"):
-        _attach_onnx(model, required=backend == "onnx")
+        _attach_onnx(model, required=backend == "onnx", threads=onnx_threads)
     elif backend != "torch":
         raise ValueError(f"Unknown backend {backend!r}. Available: ['auto', 'onnx', 'torch']")
     return model
