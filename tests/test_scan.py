@@ -18,6 +18,7 @@ from leukoscope.scan import (
     ScanConfig,
     abnormal_class_names,
     crop_cell,
+    is_partial,
     scan_field,
     to_geojson,
     write_outputs,
@@ -66,7 +67,8 @@ def scanned(field):
 
 def test_crops_are_centred_on_cells_and_scaled_by_red_cell_size(field, scanned) -> None:
     model, result = scanned
-    assert result.n_white_cells == len(model.seen) == 15  # measured: 15 white cells in Im003_1
+    assert len(result.cells) == len(model.seen) == 15  # measured: 15 white cells in Im003_1, 1 cut by the edge
+    assert result.n_white_cells == 14 and result.n_partial == 1
     side = 3.6 * result.rbc_diameter
     assert 215 <= side <= 290  # ~257 px, the ALL-IDB2 crop size on these fields
     for sc, crop in zip(result.cells, model.seen, strict=True):
@@ -86,7 +88,7 @@ def test_probabilities_flags_and_totals(scanned) -> None:
     for sc in result.cells:
         assert sum(sc.proba.values()) == pytest.approx(1.0, abs=1e-5)
         assert sc.label == max(sc.proba, key=sc.proba.get)
-        assert sc.abnormal == (sc.proba["leukemic"] >= 0.5)
+        assert sc.abnormal == (sc.proba["leukemic"] >= 0.5 and not sc.partial)
         assert (sc.heatmap is not None) == sc.abnormal
     assert result.abnormal_classes == ["leukemic"]
     assert result.n_abnormal == sum(sc.abnormal for sc in result.cells) > 0
@@ -99,7 +101,7 @@ def test_written_json_geojson_and_overlay(field, scanned, tmp_path) -> None:
     paths = write_outputs(result, field, tmp_path, "Im003_1", source="Im003_1.jpg")
     np.testing.assert_array_equal(field, before)
     doc = json.loads(paths["json"].read_text())
-    assert doc["white_cells"] == len(doc["cells"]) == result.n_white_cells
+    assert doc["white_cells"] == len(doc["cells"]) - doc["partial_cells"] == result.n_white_cells
     assert doc["abnormal_cells"] == sum(c["abnormal"] for c in doc["cells"])
     assert doc["abnormal_share"] == pytest.approx(doc["abnormal_cells"] / doc["white_cells"], abs=1e-4)
     assert doc["image_width"] == 1712 and doc["image_height"] == 1368
@@ -111,7 +113,7 @@ def test_written_json_geojson_and_overlay(field, scanned, tmp_path) -> None:
         assert c["area"] > 0.5 * np.pi * (doc["rbc_diameter_px"] / 2) ** 2
 
     gj = json.loads(paths["geojson"].read_text())
-    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == result.n_white_cells
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(result.cells)
     for feat, c in zip(gj["features"], doc["cells"], strict=True):
         assert feat["geometry"]["type"] == "Polygon"
         ring = np.asarray(feat["geometry"]["coordinates"][0], np.float32)
@@ -119,7 +121,7 @@ def test_written_json_geojson_and_overlay(field, scanned, tmp_path) -> None:
         assert cv2.pointPolygonTest(ring.reshape(-1, 1, 2), (c["x"], c["y"]), False) > 0  # centroid inside outline
         props = feat["properties"]
         assert props["objectType"] == "detection"
-        assert props["classification"]["name"] == c["label"]
+        assert props["classification"]["name"] == ("Partial (field edge)" if c["partial"] else c["label"])
         assert props["measurements"]["p_leukemic"] == pytest.approx(c["p_leukemic"])
 
     overlay = cv2.cvtColor(cv2.imread(str(paths["overlay"])), cv2.COLOR_BGR2RGB)
@@ -213,3 +215,34 @@ def test_scan_cli_with_a_trained_model_and_gradcam(tiny_model_dir, idb1, tmp_pat
     # Grad-CAM heat is blended into the cell's crop and nowhere else.
     assert np.abs(overlay[y0:y1, x0:x1].astype(int) - rgb[y0:y1, x0:x1]).mean() > 5
     np.testing.assert_array_equal(overlay[y1 + 50:, :x0], rgb[y1 + 50:, :x0])
+
+
+def test_partial_cells_cut_by_the_edge_are_shown_not_counted(field, scanned, tmp_path) -> None:
+    from leukoscope.preprocess.cells import Cell
+
+    def cell(x: float, y: float, bbox: tuple[int, int, int, int]) -> Cell:
+        return Cell(x, y, bbox, 100, 50, 60.0, 0.9, 0.5, [])
+
+    # touching the left edge, centroid 10 px in: partial at 20 px, not at 5 px; touching nothing: never partial
+    assert is_partial(cell(10, 50, (0, 40, 22, 60)), 200, 100, 20)
+    assert not is_partial(cell(10, 50, (0, 40, 22, 60)), 200, 100, 5)
+    assert not is_partial(cell(10, 50, (2, 40, 22, 60)), 200, 100, 20)
+    assert is_partial(cell(190, 95, (178, 88, 200, 100)), 200, 100, 20)  # right / bottom edges (exclusive)
+    _, result = scanned
+    part = [sc for sc in result.cells if sc.partial]
+    assert part, "Im003_1 has a cell cut by the field edge"
+    for sc in part:
+        x0, y0, x1, y1 = sc.cell.bbox
+        assert x0 <= 0 or y0 <= 0 or x1 >= field.shape[1] or y1 >= field.shape[0]
+        assert not sc.abnormal and sc.heatmap is None  # classified, never flagged
+    d = result.to_dict()
+    assert d["partial_cells"] == len(part) and d["white_cells"] == len(d["cells"]) - len(part)
+    assert sum(d["label_counts"].values()) == d["white_cells"]
+    assert sum(c["partial"] for c in d["cells"]) == len(part)
+    names = [f["properties"]["classification"]["name"] for f in to_geojson(result)["features"]]
+    assert names.count("Partial (field edge)") == len(part)
+    # 0 counts every cell
+    every = scan_field(field, NucleusFraction(), ScanConfig(partial_rbc_diameters=0, gradcam=False))
+    assert every.n_partial == 0 and every.n_white_cells == len(result.cells)
+    with pytest.raises(ValueError, match="partial_rbc_diameters"):
+        ScanConfig(partial_rbc_diameters=-1)

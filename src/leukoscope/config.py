@@ -43,7 +43,8 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 64
     patience: int = 6  # early stopping on validation loss
-    balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
+    balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | source (classes balanced
+    #                            within each source dataset) | none
     schedule: str = "cosine"  # cosine | none
     label_smoothing: float = 0.0
     seed: int = 0

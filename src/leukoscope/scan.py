@@ -35,6 +35,7 @@ NORMAL_CLASS_NAMES = ("healthy", "normal", "hem", "benign", "non-blast", "non_bl
 # Box colours (RGB) of the overlay and of QuPath classifications.
 NORMAL_COLOUR = (40, 170, 60)
 ABNORMAL_COLOUR = (220, 30, 30)
+PARTIAL_COLOUR = (150, 150, 150)  # cells cut by the field edge: shown, not counted
 _OTHER_COLOURS = ((30, 110, 230), (240, 150, 20), (150, 60, 200), (0, 170, 170), (120, 120, 120))
 
 
@@ -57,6 +58,10 @@ class ScanConfig:
         border: crops of cells near the field's edge: ``clip``, ``shift`` or ``reflect`` (see :func:`crop_cell`).
         abnormal_threshold: a cell is abnormal when its summed probability of abnormal classes reaches this.
         normal_classes: the model's classes that are not abnormal; empty = those named in ``NORMAL_CLASS_NAMES``.
+        partial_rbc_diameters: a cell touching the field's edge whose centroid lies closer to the edge than this many
+            red-cell diameters is *partial* (most of it is outside the field): it is listed, classified and drawn
+            (grey, dashed), but not counted and never flagged abnormal, as a manual differential skips cells cut by
+            the edge. 0 counts every cell. See docs/SCAN.md for how 0.8 was chosen.
         gradcam: draw Grad-CAM on the abnormal cells of the overlay (needs a model with Grad-CAM support).
         max_gradcam: at most this many abnormal cells (the most confident) get a Grad-CAM.
         batch_size: crops per classifier call.
@@ -67,6 +72,7 @@ class ScanConfig:
     border: str = "clip"
     abnormal_threshold: float = 0.5
     normal_classes: tuple[str, ...] = ()
+    partial_rbc_diameters: float = 0.8
     gradcam: bool = True
     max_gradcam: int = 25
     batch_size: int = 32
@@ -78,6 +84,8 @@ class ScanConfig:
             raise ValueError(f"Unknown border mode {self.border!r}. Available: {list(BORDER_MODES)}")
         if self.crop_rbc_diameters <= 0:
             raise ValueError(f"crop_rbc_diameters must be positive, got {self.crop_rbc_diameters}")
+        if self.partial_rbc_diameters < 0:
+            raise ValueError(f"partial_rbc_diameters must be 0 or more, got {self.partial_rbc_diameters}")
 
 
 @dataclass
@@ -92,6 +100,7 @@ class ScannedCell:
     abnormal: bool
     crop_box: tuple[int, int, int, int]
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    partial: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         c = self.cell
@@ -103,6 +112,7 @@ class ScannedCell:
         d.update({f"p_{k}": round(v, 4) for k, v in self.proba.items()})
         d["crop_box"] = list(self.crop_box)
         d["gradcam"] = self.heatmap is not None
+        d["partial"] = self.partial
         return d
 
 
@@ -121,8 +131,17 @@ class FieldResult:
     gradcam_note: str = ""
 
     @property
+    def counted(self) -> list[ScannedCell]:
+        """The cells that count: every cell but the partial ones cut by the field's edge."""
+        return [c for c in self.cells if not c.partial]
+
+    @property
     def n_white_cells(self) -> int:
-        return len(self.cells)
+        return len(self.counted)
+
+    @property
+    def n_partial(self) -> int:
+        return len(self.cells) - self.n_white_cells
 
     @property
     def n_abnormal(self) -> int:
@@ -130,7 +149,7 @@ class FieldResult:
 
     @property
     def abnormal_share(self) -> float | None:
-        return self.n_abnormal / self.n_white_cells if self.cells else None
+        return self.n_abnormal / self.n_white_cells if self.n_white_cells else None
 
     def to_dict(self, source: str = "") -> dict[str, Any]:
         w, h = self.image_size
@@ -146,11 +165,13 @@ class FieldResult:
             "white_cells": self.n_white_cells,
             "abnormal_cells": self.n_abnormal,
             "abnormal_share": None if self.abnormal_share is None else round(self.abnormal_share, 4),
-            "label_counts": {k: sum(c.label == k for c in self.cells) for k in self.classes},
+            "label_counts": {k: sum(c.label == k for c in self.counted) for k in self.classes},
+            "partial_cells": self.n_partial,
             "smudge_cells": len(self.smudges),
             "gradcam": self.gradcam_note,
             "cells": [c.to_dict() for c in self.cells],
-            "detection": asdict(self.config.detect) | {"crop_rbc_diameters": self.config.crop_rbc_diameters},
+            "detection": asdict(self.config.detect) | {"crop_rbc_diameters": self.config.crop_rbc_diameters,
+                                                        "partial_rbc_diameters": self.config.partial_rbc_diameters},
         }
 
 
@@ -174,6 +195,14 @@ def abnormal_class_names(classes: Sequence[str], normal: Sequence[str] = ()) -> 
 
 
 BORDER_MODES = ("clip", "shift", "reflect")
+
+
+def is_partial(cell: Cell, width: int, height: int, max_distance: float) -> bool:
+    """True when ``cell`` touches the field's edge and its centroid lies within ``max_distance`` pixels of it."""
+    x0, y0, x1, y1 = cell.bbox
+    if not (x0 <= 0 or y0 <= 0 or x1 >= width or y1 >= height):
+        return False
+    return min(cell.x, cell.y, width - cell.x, height - cell.y) < max_distance
 
 
 def crop_cell(rgb: np.ndarray, x: float, y: float, side: float,
@@ -221,19 +250,16 @@ def _default_explainer(model: Any) -> tuple[Explainer | None, str]:
     modeldir = sys.modules.get("leukoscope.models.modeldir")
     if modeldir is None or not isinstance(model, modeldir.LoadedModel):
         return None, f"off: Grad-CAM needs a model loaded with leukoscope.models.load_model, got {type(model).__name__}"
-    import torch
+    from leukoscope.explain.cam import get_method, resolve_layer
+    from leukoscope.explain.core import cam_batch
 
-    from leukoscope.explain.cam import CAM, get_method, resolve_layer
-
-    layer = resolve_layer(model.module, get_method("gradcam"), None, model.target_layer)
+    resolve_layer(model.module, get_method("gradcam"), None, model.target_layer)  # fails early without a layer
 
     def explain(crops: list[np.ndarray], classes: list[int]) -> list[np.ndarray]:
         # One forward/backward pass per 8 cells (gradcam_array would add a prediction and a pass per cell).
         out: list[np.ndarray] = []
-        with CAM(model.module, "gradcam", layer, lock=model._lock) as cam:
-            for i in range(0, len(crops), 8):
-                x = torch.from_numpy(model.prepare_batch(crops[i:i + 8]))
-                out.extend(cam(x, classes[i:i + 8]))
+        for i in range(0, len(crops), 8):
+            out.extend(cam_batch(model, model.prepare_batch(crops[i:i + 8]), classes[i:i + 8]))
         return out
 
     return explain, "gradcam on abnormal cells"
@@ -274,11 +300,14 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
             raise ValueError(f"model returned probabilities of shape {proba.shape} for {len(crops)} crops and "
                              f"{len(classes)} classes")
     cells = []
+    h, w = rgb.shape[:2]
     for c, p, box in zip(det.cells, proba, boxes, strict=True):
         k = int(np.argmax(p))
         p_ab = float(p[ab_idx].sum())
         probs = {n: float(v) for n, v in zip(classes, p, strict=True)}
-        cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab, p_ab >= cfg.abnormal_threshold, box))
+        part = is_partial(c, w, h, cfg.partial_rbc_diameters * det.rbc_diameter)
+        cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab,
+                                 p_ab >= cfg.abnormal_threshold and not part, box, partial=part))
     note = "off"
     if cfg.gradcam and not any(c.abnormal for c in cells):
         note = "no abnormal cells"
@@ -294,7 +323,6 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
             heats = explainer([crops[i] for i in flagged], targets)
             for i, heat in zip(flagged, heats, strict=True):
                 cells[i].heatmap = np.asarray(heat, dtype=np.float32)
-    h, w = rgb.shape[:2]
     return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note)
 
 
@@ -335,6 +363,10 @@ def render_field_overlay(rgb: np.ndarray, result: FieldResult, heat_alpha: float
         out[y0:y1, x0:x1] = _blend_heat(out[y0:y1, x0:x1], region, heat_alpha)
     scale = max(0.4, d / 90.0)
     for sc in result.cells:
+        if sc.partial:  # cut by the edge, not counted: a thin grey box, no label
+            x0, y0, x1, y1 = sc.cell.bbox
+            cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), PARTIAL_COLOUR, max(1, int(round(d / 60))), cv2.LINE_AA)
+            continue
         colour = np.asarray(class_colour(sc.label, result.classes, result.abnormal_classes), np.float32)
         # An unsure cell gets a thin, pale box: the colour fades towards white as the confidence falls.
         fade = float(np.clip((sc.confidence - 0.5) / 0.5, 0.0, 1.0)) if len(result.classes) == 2 else sc.confidence
@@ -359,7 +391,7 @@ def _blend_heat(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
 def _legend(out: np.ndarray, result: FieldResult, scale: float) -> None:
     lines = [(f"white cells {result.n_white_cells}, abnormal {result.n_abnormal}", (0, 0, 0))]
     for k in result.classes:
-        lines.append((f"{k}: {sum(c.label == k for c in result.cells)}",
+        lines.append((f"{k}: {sum(c.label == k for c in result.counted)}",
                       class_colour(k, result.classes, result.abnormal_classes)))
     fs = 0.5 * scale
     th = max(1, int(round(scale)))
@@ -383,9 +415,10 @@ def to_geojson(result: FieldResult) -> dict[str, Any]:
             x0, y0, x1, y1 = sc.cell.bbox
             ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
         ring.append(ring[0])
-        colour = class_colour(sc.label, result.classes, result.abnormal_classes)
+        name = "Partial (field edge)" if sc.partial else sc.label
+        colour = PARTIAL_COLOUR if sc.partial else class_colour(sc.label, result.classes, result.abnormal_classes)
         measurements = {"confidence": round(sc.confidence, 4), "p_abnormal": round(sc.p_abnormal, 4),
-                        "area_px": sc.cell.area}
+                        "area_px": sc.cell.area, "partial": int(sc.partial)}
         measurements.update({f"p_{k}": round(v, 4) for k, v in sc.proba.items()})
         features.append({
             "type": "Feature",
@@ -393,7 +426,7 @@ def to_geojson(result: FieldResult) -> dict[str, Any]:
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "detection",
-                "classification": {"name": sc.label, "color": list(colour)},
+                "classification": {"name": name, "color": list(colour)},
                 "isLocked": False,
                 "measurements": measurements,
             },

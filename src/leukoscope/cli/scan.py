@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="side of each cell crop in red-cell diameters (default 3.6, like ALL-IDB2 crops)")
     p.add_argument("--rbc-diameter", type=float, default=None, metavar="PX",
                    help="red-cell diameter in pixels, if known (default: measured in each field)")
+    p.add_argument("--partial-rbc", type=float, default=0.8, metavar="N",
+                   help="cells touching the field edge with their centroid closer to it than N red-cell diameters "
+                        "are partial: shown, not counted (default 0.8; 0 counts every cell)")
     p.add_argument("--no-gradcam", action="store_true", help="do not draw Grad-CAM on abnormal cells")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON and GeoJSON files")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
@@ -39,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.scan import ScanConfig, scan_field, with_detect, write_outputs
 
     cfg = ScanConfig(crop_rbc_diameters=args.crop_rbc, abnormal_threshold=args.threshold,
-                     normal_classes=tuple(args.normal_class or ()), gradcam=not args.no_gradcam)
+                     normal_classes=tuple(args.normal_class or ()), gradcam=not args.no_gradcam,
+                     partial_rbc_diameters=args.partial_rbc)
     if args.rbc_diameter is not None:
         cfg = with_detect(cfg, rbc_diameter=args.rbc_diameter)
     paths, problems = collect_paths(args.fields)
@@ -60,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
         result = scan_field(rgb, model, cfg)
         write_outputs(result, rgb, args.out, stem, source=str(path), overlay=not args.no_overlay)
         share = "n/a" if result.abnormal_share is None else f"{result.abnormal_share:.1%}"
-        print(f"{path}: {result.n_white_cells} white cells, {result.n_abnormal} abnormal ({share}) -> "
+        partial = f", {result.n_partial} cut by the edge (not counted)" if result.n_partial else ""
+        print(f"{path}: {result.n_white_cells} white cells, {result.n_abnormal} abnormal ({share}){partial} -> "
               f"{args.out}/{stem}.json")
     for item, reason in problems:
         print(f"leukoscope scan: cannot read {item}: {reason}", file=sys.stderr)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from leukoscope.data.images import read_image
-from leukoscope.explain.cam import Method, explain_tensor, get_method, resolve_layer
+from leukoscope.explain.cam import CAM, Method, explain_tensor, get_method, resolve_layer
 from leukoscope.explain.overlay import render_overlay
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
@@ -93,6 +93,26 @@ def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str
         name = top.name_of(net.get_submodule(layer))
         cache[layer] = None if name is None else (top, name)
     return cache[layer]
+
+
+def cam_batch(model: LoadedModel, x: np.ndarray, targets: list[int], method: str = "gradcam",
+              layer: str | None = None) -> np.ndarray:
+    """CAM maps ``(N, S, S)`` in [0, 1] of a prepared batch ``(N, 3, S, S)`` (see ``LoadedModel.prepare_batch``) for
+    class ``targets[i]`` of image ``i``, in one pass; the stem runs in ONNX Runtime when it can (as in
+    :func:`explain`). For the CAM methods (not occlusion)."""
+    m = get_method(method)
+    if m.cam_class is None:
+        raise ValueError(f"cam_batch needs a CAM method, not {method!r}")
+    layer_name = resolve_layer(model.module, m, layer, model.target_layer)
+    top = _top_part(model, m, layer_name)
+    features = None if top is None else model.stem_features(x)
+    if features is None:
+        with CAM(model.module, method, layer_name, lock=model._lock) as cam:
+            return cam(torch.from_numpy(x), targets)
+    with CAM(top[0], method, top[1], lock=model._lock) as cam:
+        small = cam(torch.from_numpy(features), targets)
+    size = tuple(x.shape[-2:][::-1])
+    return np.stack([cv2.resize(s, size, interpolation=cv2.INTER_LINEAR) for s in small])
 
 
 def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, layer: str | None

@@ -154,8 +154,9 @@ class ScanResponse(BaseModel):
     abnormal_cells: int
     abnormal_share: float | None
     label_counts: dict[str, int]
+    partial_cells: int = Field(description="cells cut by the field's edge: listed in cells, not counted")
     cells: list[dict[str, Any]] = Field(description="one per white cell: bbox [x0, y0, x1, y1] in image pixels, "
-                                                    "label, confidence, p_<class>, abnormal, ...")
+                                                    "label, confidence, p_<class>, abnormal, partial, ...")
     result: dict[str, Any] = Field(description="everything leukoscope.scan reports for the field")
     overlay: EncodedImage = Field(description="the field with every cell boxed in its class colour")
     image: EncodedImage | None = None
@@ -584,7 +585,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             except ValueError as exc:
                 raise HTTPException(422, f"cannot scan {up.filename!r}: {exc}") from exc
             d = result.to_dict(up.filename)
-            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "cells")}
+            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "partial_cells", "cells")}
             res = base(name, m, up, rgb) | out
             res["result"] = d
             res["audit_id"] = audit("scan", name, m, up, out, request)

@@ -175,7 +175,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.balance == "weights":
         weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32,
                                device=device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    elif cfg.balance not in BALANCE_MODES:
+        raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
+    # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
+    # source, so no source can teach "this source means that class"
+    sample_w = {name: source_class_weights(part[1].numpy(), part[2], len(ds.classes)).to(device)
+                for name, part in data.items()} if cfg.balance == "source" else None
+    ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
+                             reduction="none" if sample_w else "mean")
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        return ce(logits, y) if w is None else (ce(logits, y) * w).sum() / w.sum()
     model = trainable
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -220,7 +230,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 xb = net.stem(xb.to(device))
             yb = y_tr[idx].to(device)
             with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
-                loss = loss_fn(model(xb.to(device)), yb)
+                loss = loss_fn(model(xb.to(device)), yb, None if sample_w is None else sample_w["train"][idx])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -230,7 +240,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         if sched:
             sched.step()
         val_logits = _logits(trainable, net, data["val"][0], cfg, device, pre)
-        val_loss = float(nn.functional.cross_entropy(torch.tensor(val_logits), data["val"][1]))
+        val_ce = nn.functional.cross_entropy(torch.tensor(val_logits), data["val"][1], reduction="none")
+        val_loss = float(val_ce.mean() if sample_w is None else (val_ce * sample_w["val"].cpu()).sum()
+                         / sample_w["val"].sum().cpu())
         val_acc = float((val_logits.argmax(1) == data["val"][1].numpy()).mean())
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
                         "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
@@ -323,6 +335,22 @@ def _logits(trainable: _Trainable, net: nn.Module, x: torch.Tensor | list, cfg: 
             xb = net.stem(torch.from_numpy(np.stack([pre.normalize(im) for im in x[i:i + 128]])).to(device))
         out.append(trainable(xb).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+BALANCE_MODES = ("weights", "sampler", "source", "none")
+
+
+def source_class_weights(y: np.ndarray, samples: list, n_classes: int) -> torch.Tensor:
+    """Per-sample weights ``n_s / (n_classes_in_s * n_sc)``: each source keeps its share of the total weight and its
+    classes weigh equally within it (classes absent from a source are not counted)."""
+    src = np.array([getattr(s, "source", "") or "" for s in samples])
+    w = np.ones(len(y), np.float64)
+    for s in np.unique(src):
+        m = src == s
+        c = np.bincount(y[m], minlength=n_classes)
+        present = int((c > 0).sum())
+        w[m] = m.sum() / (present * c[y[m]])
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def _write_history(out: Path, history: list[dict]) -> None:

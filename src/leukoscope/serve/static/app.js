@@ -196,13 +196,13 @@
     const boxes = $(".boxes", el);
     boxes.replaceChildren(...d.cells.map((c, i) => {
       const b = document.createElement("div");
-      b.className = `cell-box${c.abnormal ? " abnormal" : ""}`;
+      b.className = `cell-box${c.partial ? " partial" : c.abnormal ? " abnormal" : ""}`;
       const [x0, y0, x1, y1] = c.bbox;
       Object.assign(b.style, { left: `${(100 * x0) / w}%`, top: `${(100 * y0) / h}%`,
                                width: `${(100 * (x1 - x0)) / w}%`, height: `${(100 * (y1 - y0)) / h}%` });
-      b.title = `cell ${i + 1}: ${c.label} ${pct(c.confidence)}`;
+      b.title = `cell ${i + 1}: ${c.label} ${pct(c.confidence)}${c.partial ? " (cut by the field edge: not counted)" : ""}`;
       const tag = document.createElement("span");
-      tag.textContent = `${c.label} ${pct(c.confidence)}`;
+      tag.textContent = c.partial ? "partial" : `${c.label} ${pct(c.confidence)}`;
       b.append(tag);
       return b;
     }));
