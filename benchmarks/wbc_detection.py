@@ -373,7 +373,8 @@ def report(doc: dict) -> str:
                  f"= {c['coverage']:.3f}")
     if "blast_localisation" in doc:
         lines += ["", f"blast localisation with {doc['model']['name']} (classes {doc['model']['classes']}):",
-                  "| threshold | partial if centroid < N red-cell diameters from the edge | blasts | abnormal cells | matched | recall | precision "
+                  "| threshold | partial if centroid < N red-cell diameters from the edge | blasts | abnormal cells "
+                  "| matched | recall | precision "
                   "| abnormal in healthy fields | recall, blasts not centres of training crops |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in doc["blast_localisation"]["rows"]:

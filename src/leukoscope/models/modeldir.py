@@ -259,7 +259,7 @@ def onnx_session(path: str | Path, threads: int = 0) -> Any:
 
 def _attach_onnx(model: LoadedModel, required: bool, threads: int = 0) -> None:
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (installed?)
     except ImportError:
         if required:
             from leukoscope.errors import MissingExtraError

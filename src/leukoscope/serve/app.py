@@ -585,7 +585,8 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             except ValueError as exc:
                 raise HTTPException(422, f"cannot scan {up.filename!r}: {exc}") from exc
             d = result.to_dict(up.filename)
-            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "partial_cells", "cells")}
+            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "partial_cells",
+                                     "cells")}
             res = base(name, m, up, rgb) | out
             res["result"] = d
             res["audit_id"] = audit("scan", name, m, up, out, request)
