@@ -71,7 +71,18 @@ def shipped_cell_type(data: CellData, model_dir: Path) -> dict:
     split = json.loads((model_dir / "split.json").read_text())["parts"]
     rel = {data.ds.relpath(s): i for i, s in enumerate(data.ds.samples)}
     idx = {part: np.array([rel[p] for p in paths if p in rel]) for part, paths in split.items()}
-    proba, _ = cnn_on_stem(model_dir, data.stem[:, 0])
+    if json.loads((model_dir / "model.json").read_text())["spec"].get("trainable_stages", 1) == 0:
+        proba, _ = cnn_on_stem(model_dir, data.stem[:, 0])  # the head alone on the cached stem features
+    else:  # a model that also trained the last stage: predict the val and test images themselves
+        from leukoscope.models import load_model
+
+        model = load_model(model_dir)
+        proba = np.full((len(data.ds.samples), len(model.classes)), np.nan)
+        need = np.concatenate([idx["val"], idx["test"]])
+        _, pr, failed = model.predict_paths([data.ds.samples[i].path for i in need])
+        if failed:
+            raise RuntimeError(f"unreadable val/test images: {failed}")
+        proba[need] = pr
     bi = data.ds.classes.index(BLAST)
     pv, yv = proba[idx["val"], bi], data.cell_type[idx["val"]] == bi
     pt, yt = proba[idx["test"], bi], data.cell_type[idx["test"]] == bi

@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 64
     patience: int = 6  # early stopping on validation loss
+    subclasses: str = ""  # train on finer labels where a dataset has them (e.g. subtype), answer with the classes
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | source (classes balanced
     #                            within each source dataset) | none
     schedule: str = "cosine"  # cosine | none

@@ -112,3 +112,17 @@ def test_training_cli_writes_the_model(tmp_path, capsys, tiny_model_dir):
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and "test (held-out groups): accuracy" in text
     assert Path(out / "model.safetensors").exists()
+
+
+def test_source_class_weights_balance_classes_within_each_source():
+    from types import SimpleNamespace
+
+    from leukoscope.train.trainer import source_class_weights
+
+    # source a: 3 healthy, 1 leukemic; source b: 2 leukemic only
+    samples = [SimpleNamespace(source=s) for s in "aaaabb"]
+    y = np.array([0, 0, 0, 1, 1, 1])
+    w = source_class_weights(y, samples, 2).numpy()
+    np.testing.assert_allclose(w, [4 / 6, 4 / 6, 4 / 6, 2.0, 1.0, 1.0], rtol=1e-6)
+    assert w[:3].sum() == pytest.approx(w[3])  # classes weigh equally inside source a
+    assert w[:4].sum() == pytest.approx(4) and w[4:].sum() == pytest.approx(2)  # each source keeps its share

@@ -217,6 +217,10 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         + f"; {info.get('n_parameters', '')} parameters in all.",
         f"- Temperature {info['temperature']:.3f} fitted on the validation split. "
         f"Grad-CAM layer `{info['target_layer']}`.",
+        *([f"- Trained on {len(info['spec']['subclasses'])} subclasses (`subclasses: {cfg.subclasses}`: "
+           + ", ".join(f"`{c}`" for c in info["spec"]["subclasses"])
+           + "); it answers with the classes, each class's probability being the sum of its subclasses'."]
+          if info["spec"].get("subclasses") else []),
         "", "## Data seen",
         f"Datasets: {', '.join(cfg.datasets)}. Groups: {ds.group_by}.",
         f"Split (stratified by class, grouped; seed {split.seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items())

@@ -74,7 +74,8 @@ class _Top(torch.nn.Module):
         object.__setattr__(self, "_net", net)  # not registered: its stem is not part of this module
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self._net.head(self._net.top(f))
+        net = self._net
+        return net.from_stem(f) if hasattr(net, "from_stem") else net.head(net.top(f))
 
     def name_of(self, layer: torch.nn.Module) -> str | None:
         return next((name for name, m in self.named_modules() if m is layer), None)

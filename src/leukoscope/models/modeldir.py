@@ -41,13 +41,16 @@ MODELS: Registry = Registry("model")
 def _cnn(backbone: nn.Module, num_classes: int, spec: dict) -> nn.Module:
     from leukoscope.models.net import CellClassifier
 
-    return CellClassifier(backbone, num_classes, spec.get("dropout", 0.3), spec.get("trainable_stages", 1))
+    return CellClassifier(backbone, num_classes, spec.get("dropout", 0.3), spec.get("trainable_stages", 1),
+                          spec.get("subclass_groups"))
 
 
 @MODELS.register("hybrid")
 def _hybrid(backbone: nn.Module, num_classes: int, spec: dict) -> nn.Module:
     from leukoscope.models.net import HybridCNNTransformer
 
+    if spec.get("subclass_groups"):
+        raise ValueError("subclasses are implemented for model 'cnn' only, not 'hybrid'")
     grid = spec.get("input_size", 224) // 32
     return HybridCNNTransformer(backbone, num_classes, grid, dim=spec.get("dim", 192), depth=spec.get("depth", 2),
                                 heads=spec.get("heads", 4), dropout=spec.get("dropout", 0.1),

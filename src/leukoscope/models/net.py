@@ -79,7 +79,8 @@ class CellClassifier(nn.Module):
         trainable_stages: how many of the backbone's last stages form ``top`` (trained); the rest is ``stem``.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.3, trainable_stages: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.3, trainable_stages: int = 1,
+                 subclass_groups: list[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         stem, top, self.target_layer = backbone_parts(backbone, trainable_stages)
@@ -87,7 +88,9 @@ class CellClassifier(nn.Module):
         object.__setattr__(self, "_stem", stem)
         object.__setattr__(self, "_top", top)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(_out_features(backbone), num_classes))
+        n_out = len(subclass_groups) if subclass_groups else num_classes
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(_out_features(backbone), n_out))
+        self.subclasses = SubclassPooling(subclass_groups, num_classes) if subclass_groups else None
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self._stem(x)
@@ -99,8 +102,38 @@ class CellClassifier(nn.Module):
     def trainable_modules(self) -> list[nn.Module]:
         return [self._top, self.head]
 
+    def coarse(self, z: torch.Tensor) -> torch.Tensor:
+        """Class logits from the head's output (the head's subclass logits pooled per class, when it has them)."""
+        return z if self.subclasses is None else self.subclasses(z)
+
+    def from_stem(self, f: torch.Tensor) -> torch.Tensor:
+        """Class logits from the stem's output."""
+        return self.coarse(self.head(self.top(f)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.top(self.stem(x)))
+        return self.from_stem(self.stem(x))
+
+
+class SubclassPooling(nn.Module):
+    """Class logits from subclass logits: ``logit(c) = log sum_{s in c} exp(logit(s))``, so that ``P(c)`` is the sum
+    of its subclasses' probabilities under the softmax over subclasses.
+
+    The network is trained on subclasses (e.g. the ALL subtypes of one dataset, plain classes elsewhere) and answers
+    with the classes; written with exp / matmul / log (stable: the batch's largest logit is taken out) so that it
+    exports to ONNX as plain operators.
+    """
+
+    def __init__(self, groups: list[int], num_classes: int) -> None:
+        super().__init__()
+        if sorted(set(groups)) != list(range(num_classes)):
+            raise ValueError(f"every one of the {num_classes} classes needs a subclass; groups were {groups}")
+        m = torch.zeros(len(groups), num_classes)
+        m[torch.arange(len(groups)), torch.as_tensor(groups)] = 1.0
+        self.register_buffer("membership", m)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        top = z.max(dim=1, keepdim=True).values
+        return torch.log((z - top).exp() @ self.membership + 1e-30) + top
 
 
 class HybridCNNTransformer(nn.Module):

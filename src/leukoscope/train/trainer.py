@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leukoscope.config import TrainConfig, save_config
-from leukoscope.data.datasets import Dataset, combine, load_dataset
+from leukoscope.data.datasets import Dataset, Sample, combine, load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.data.splits import Split, assert_no_leak, group_split
 from leukoscope.errors import ImageReadError
@@ -113,7 +113,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if not len(val_ds):
         raise ValueError("the split has no validation part; early stopping and calibration need one")
 
-    net, weights_source = build_network(cfg.spec(), len(ds.classes), cfg.pretrained)
+    subclasses, sub_groups = subclass_labels(ds, cfg.subclasses)
+    net_spec = cfg.spec() | ({"subclasses": subclasses, "subclass_groups": sub_groups} if subclasses else {})
+    net, weights_source = build_network(net_spec, len(ds.classes), cfg.pretrained)
     mean, std = mean_std(cfg.backbone)
     stain = None
     if cfg.stain != "none":
@@ -175,6 +177,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.balance == "weights":
         weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32,
                                device=device)
+        if subclasses:  # a subclass weighs what its class weighs: the classes stay balanced as without subclasses
+            weights = weights[torch.as_tensor(sub_groups, device=device)]
     elif cfg.balance not in BALANCE_MODES:
         raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
@@ -207,6 +211,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
     x_tr, y_tr, _ = data["train"]
     n_train = len(y_tr)
+    # what the loss compares the head's output with: subclasses when training on them, else the classes
+    y_fit = (torch.tensor([subclasses.index(subclass_of(s, cfg.subclasses)) for s in data["train"][2]])
+             if subclasses else y_tr)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
     epochs = range(start_epoch, cfg.epochs)
@@ -228,7 +235,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             else:
                 xb = torch.from_numpy(np.stack([pre.normalize(aug(x_tr[j], rng)) for j in idx]))
                 xb = net.stem(xb.to(device))
-            yb = y_tr[idx].to(device)
+            yb = y_fit[idx].to(device)
             with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
                 loss = loss_fn(model(xb.to(device)), yb, None if sample_w is None else sample_w["train"][idx])
             opt.zero_grad(set_to_none=True)
@@ -279,7 +286,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     temperature = fit_temperature(val_logits, data["val"][1].numpy())
     test_logits = _logits(trainable, net, data["test"][0], cfg, torch.device("cpu"), pre)
     info = {
-        "name": cfg.name, "spec": cfg.spec(), "classes": ds.classes, "target": cfg.target,
+        "name": cfg.name, "spec": net_spec, "classes": ds.classes, "target": cfg.target,
         "preprocess": pre.to_dict(), "temperature": temperature, "target_layer": net.target_layer,
         "weights_source": weights_source, "datasets": list(cfg.datasets), "best_epoch": int(best["epoch"]),
         "trained_seconds": round(time.time() - t0, 1),
@@ -333,11 +340,31 @@ def _logits(trainable: _Trainable, net: nn.Module, x: torch.Tensor | list, cfg: 
             xb = x[i:i + 128, 0].float().to(device)
         else:
             xb = net.stem(torch.from_numpy(np.stack([pre.normalize(im) for im in x[i:i + 128]])).to(device))
-        out.append(trainable(xb).float().cpu().numpy())
+        z = trainable(xb)
+        out.append((net.coarse(z) if hasattr(net, "coarse") else z).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 BALANCE_MODES = ("weights", "sampler", "source", "none")
+
+
+def subclass_of(sample: Sample, label: str) -> str:
+    """``class/sub`` when the sample has the finer ``label`` and it differs from its class, else its class."""
+    sub = sample.labels.get(label) if label else None
+    return f"{sample.label}/{sub}" if sub is not None and sub != sample.label else sample.label
+
+
+def subclass_labels(ds: Dataset, label: str) -> tuple[list[str], list[int]]:
+    """The subclasses a model trained with ``subclasses: label`` has, in class order, and the class of each
+    (``[], []`` when ``label`` is empty). Each sample's subclass is :func:`subclass_of`."""
+    if not label:
+        return [], []
+    cls = {subclass_of(s, label): ds.classes.index(s.label) for s in ds.samples}
+    if len(cls) == len(ds.classes):
+        have = sorted({k for s in ds.samples for k in s.labels})
+        raise ValueError(f"no sample of {ds.name!r} has a label {label!r} that refines its class; labels: {have}")
+    subs = sorted(cls, key=lambda n: (cls[n], n != ds.classes[cls[n]], n))
+    return subs, [cls[n] for n in subs]
 
 
 def source_class_weights(y: np.ndarray, samples: list, n_classes: int) -> torch.Tensor:
