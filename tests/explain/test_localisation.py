@@ -45,8 +45,7 @@ def test_layercam_peak_lies_on_the_cell(shipped, heldout_cells):
         heat = gradcam_array(shipped, rgb, method="layercam")
         assert heat.shape == rgb.shape[:2]
         hits.append(_cell_mask(rgb)[np.unravel_index(int(heat.argmax()), heat.shape)])
-    # measured (benchmarks/explain_localisation.py, 50 held-out cells): 40 of 50; a random map: 7 of 50
-    assert np.mean(hits) >= 5 / 8, hits
+    assert np.mean(hits) >= 7 / 8, hits  # measured: 47 of 50 held-out cells
 
 
 def test_gradcam_heat_concentrates_on_the_cell(shipped, heldout_cells):
@@ -61,15 +60,15 @@ def test_gradcam_heat_concentrates_on_the_cell(shipped, heldout_cells):
 
 
 def test_gradcam_heat_falls_on_white_cells_in_all_idb1_windows(shipped, data_root):
-    # 257 x 257 windows centred on each of the 23 blasts of Im005_1 (expert white-cell mask). Measured on these 23
-    # windows: Grad-CAM mass inside white cells 0.50 against 0.34 for a uniform map, peak inside a white cell 14 of 23.
-    # Whole benchmark (63 windows): peak inside 0.63 against chance 0.34; see docs/EXPLAIN.md.
+    # 257 x 257 windows centred on every third blast of Im005_1 (expert white-cell mask). Measured on these 8 windows:
+    # Grad-CAM mass inside white cells 0.43 against 0.30 for a uniform map, peak inside a white cell 4 of 8. Whole
+    # benchmark (63 windows): peak inside 0.51 against chance 0.34; see docs/EXPLAIN.md.
     ds = load_dataset("all_idb1", root=data_root / "all_idb")
     field = next(s for s in ds.samples if s.path.stem == "Im005_1")
     rgb = read_image(field.path)
     wbc = np.asarray(Image.open(field.meta["wbc_mask"]).convert("L")) > 0
     mass, hits, chance = [], [], []
-    for x, y in field.meta["blasts"]:
+    for x, y in field.meta["blasts"][::3]:
         x0, y0 = int(np.clip(x - 128, 0, rgb.shape[1] - 257)), int(np.clip(y - 128, 0, rgb.shape[0] - 257))
         crop, m = rgb[y0:y0 + 257, x0:x0 + 257], wbc[y0:y0 + 257, x0:x0 + 257]
         heat = gradcam_array(shipped, crop)
