@@ -57,13 +57,13 @@ def subtype_as_binary() -> dict:
             "specificity": float((p[~leuk] < 0.5).mean()), "auc": float(roc_auc_score(leuk, p))}
 
 
-def idb2_kfold(k: int) -> dict:
+def idb2_kfold(k: int, config: Path = ROOT / "configs" / "leukemia-cell.yaml") -> dict:
     from leukoscope.config import make_config
     from leukoscope.data.datasets import combine, load_dataset
     from leukoscope.data.splits import Split, group_kfold, group_split
     from leukoscope.train.trainer import train
 
-    cfg = make_config(file=ROOT / "configs" / "leukemia-cell.yaml")
+    cfg = make_config(file=config)
     parts = [load_dataset(n, target="binary") for n in cfg.datasets]
     both = combine(parts, name="+".join(cfg.datasets))
     idb2 = next(p for p in parts if p.name == "all_idb2")
@@ -94,6 +94,8 @@ def idb2_kfold(k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idb2-kfold", type=int, default=0, help="also run the ALL-IDB2 group k-fold with K folds")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "leukemia-cell.yaml",
+                    help="the recipe the k-fold retrains (default: the shipped leukemia-cell's)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cnn_targets.json"))
     args = ap.parse_args()
     out: dict = {"held_out": held_out(), "all_subtype_as_binary": subtype_as_binary()}
@@ -110,7 +112,8 @@ def main() -> None:
     print(f"\nall-subtype read as Benign vs rest on its aria test groups ({b['n']} images, {b['n_benign']} Benign): "
           f"sensitivity {b['sensitivity']:.3f}, specificity {b['specificity']:.3f}, AUC {b['auc']:.4f}")
     if args.idb2_kfold:
-        out["all_idb2_kfold"] = idb2_kfold(args.idb2_kfold)
+        out["all_idb2_kfold"] = idb2_kfold(args.idb2_kfold, args.config)
+        out["all_idb2_kfold"]["config"] = str(args.config)
         kf = out["all_idb2_kfold"]
         print(f"\nALL-IDB2 source-field {args.idb2_kfold}-fold accuracy: pooled {kf['accuracy_pooled']:.4f} "
               f"(mean {kf['accuracy_mean']:.4f} +- {kf['accuracy_std']:.4f}); target >= 0.98")

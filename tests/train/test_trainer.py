@@ -126,3 +126,31 @@ def test_source_class_weights_balance_classes_within_each_source():
     np.testing.assert_allclose(w, [4 / 6, 4 / 6, 4 / 6, 2.0, 1.0, 1.0], rtol=1e-6)
     assert w[:3].sum() == pytest.approx(w[3])  # classes weigh equally inside source a
     assert w[:4].sum() == pytest.approx(4) and w[4:].sum() == pytest.approx(2)  # each source keeps its share
+
+
+def test_training_on_subclasses_answers_with_the_classes(tmp_path, data_root):
+    import csv
+
+    from leukoscope.data.datasets import load_dataset
+    from leukoscope.models import load_model
+    from leukoscope.train.trainer import train
+
+    ds = load_dataset("all_idb2", root=data_root / "all_idb")
+    picked = ds.samples[::4]  # 65 crops from every source field
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient", "stage"])
+        for i, s in enumerate(picked):  # leukemic crops get one of two made-up stages; healthy ones none
+            w.writerow([s.path, s.label, s.group, ("early" if i % 2 else "late") if s.label == "leukemic" else ""])
+    cfg = make_config({"name": "sub", "datasets": ("manifest",), "roots": {"manifest": str(tmp_path)},
+                       "target": "label", "subclasses": "stage", "input_size": 96, "epochs": 2, "aug_views": 1,
+                       "batch_size": 16, "test_size": 0.25, "val_size": 0.2})
+    res = train(cfg, tmp_path / "m", progress=False)
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert info["classes"] == ["healthy", "leukemic"]
+    assert info["spec"]["subclasses"] == ["healthy", "leukemic/early", "leukemic/late"]  # empty stage: no subclass
+    assert info["spec"]["subclass_groups"] == [0, 1, 1]
+    assert res.metrics["per_image"]["n"] > 0
+    model = load_model(tmp_path / "m", backend="torch")
+    p = model.predict_paths([picked[0].path, picked[1].path])[1]
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-6)

@@ -349,9 +349,10 @@ BALANCE_MODES = ("weights", "sampler", "source", "none")
 
 
 def subclass_of(sample: Sample, label: str) -> str:
-    """``class/sub`` when the sample has the finer ``label`` and it differs from its class, else its class."""
+    """``class/sub`` when the sample has the finer ``label`` (not empty) and it differs from its class, else its
+    class."""
     sub = sample.labels.get(label) if label else None
-    return f"{sample.label}/{sub}" if sub is not None and sub != sample.label else sample.label
+    return f"{sample.label}/{sub}" if sub and sub != sample.label else sample.label
 
 
 def subclass_labels(ds: Dataset, label: str) -> tuple[list[str], list[int]]:
