@@ -63,6 +63,6 @@ def onnx_twin(tmp_path):
 
     def make(model: LoadedModel) -> LoadedModel:
         info = dict(model.info, weights_sha256=f"test-{model.name}-{tmp_path.name}")
-        return dataclasses.replace(model, path=tmp_path, info=info, backend="onnx", _session=None)
+        return dataclasses.replace(model, path=tmp_path, info=info, backend="onnx", _session=None, _part_sessions={})
 
     return make

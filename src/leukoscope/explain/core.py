@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,36 +64,76 @@ def class_index(model: LoadedModel, target_class: int | str | None, proba: np.nd
 
 
 class _Top(torch.nn.Module):
-    """The part of a network above its stem, as a module: stem features in, logits out.
+    """The part of a network above a cut, as a module: the cut's output in, logits out.
 
-    Only the top's modules are registered (the network's ``trainable_modules()``), so the CAM's bookkeeping (eval
-    mode, frozen parameters, hooks) walks a few dozen modules instead of the whole backbone."""
+    Only the modules above the cut are registered, so the CAM's bookkeeping (eval mode, frozen parameters, hooks)
+    walks a few dozen modules instead of the whole backbone."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, parts: list[torch.nn.Module], forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.parts = torch.nn.ModuleList(net.trainable_modules())
-        object.__setattr__(self, "_net", net)  # not registered: its stem is not part of this module
+        self.parts = torch.nn.ModuleList(parts)
+        object.__setattr__(self, "_forward", forward)  # closes over the network: not registered
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        net = self._net
-        return net.from_stem(f) if hasattr(net, "from_stem") else net.head(net.top(f))
+        return self._forward(f)
 
     def name_of(self, layer: torch.nn.Module) -> str | None:
         return next((name for name, m in self.named_modules() if m is layer), None)
 
 
-def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str] | None:
-    """The model's top and the name of ``layer`` in it, when a gradient method explains a layer above the stem of a
-    model whose stem runs in ONNX Runtime (cached on the model)."""
-    net = model.module
-    if (model.backend != "onnx" or not method.uses_gradients or method.cam_class is None
-            or getattr(net, "_stem", None) is None or not hasattr(net, "top") or not hasattr(net, "trainable_modules")):
+class _Below(torch.nn.Module):
+    """The part of a network below a cut, as a module of its own (for export)."""
+
+    def __init__(self, seq: torch.nn.Module) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+def _cuts(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module, _Top]]:
+    """Where a network can be cut for explaining, lowest top first: (name, the part below, the part above).
+
+    A CNN is cut below its head convolution (everything under it runs in ONNX Runtime, whatever the training froze);
+    any network with a frozen stem is also cut at the stem."""
+    from leukoscope.models.net import backbone_parts
+
+    cuts = []
+    if hasattr(net, "backbone") and hasattr(net, "pool") and hasattr(net, "head"):
+        try:
+            below, above, _ = backbone_parts(net.backbone, 0)
+        except Exception:  # noqa: BLE001 - an unknown layout: no such cut
+            below = above = None
+        if above is not None and any(True for _ in above.parameters()):
+            def head_forward(f: torch.Tensor, above: torch.nn.Module = above) -> torch.Tensor:
+                z = above(f)
+                z = net.head(net.pool(z) if z.ndim == 4 else z)
+                return net.coarse(z) if hasattr(net, "coarse") else z
+
+            cuts.append(("features", _Below(below), _Top([above, net.head], head_forward)))
+    if getattr(net, "_stem", None) is not None and hasattr(net, "top") and hasattr(net, "trainable_modules"):
+        def stem_forward(f: torch.Tensor) -> torch.Tensor:
+            return net.from_stem(f) if hasattr(net, "from_stem") else net.head(net.top(f))
+
+        cuts.append(("stem", _Below(net._stem), _Top(net.trainable_modules(), stem_forward)))
+    return cuts
+
+
+def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str, str, torch.nn.Module] | None:
+    """(top, ``layer``'s name in it, cut name, part below) for the lowest cut under ``layer``, when a gradient
+    method explains a model that runs on ONNX Runtime (cached on the model); None otherwise."""
+    if model.backend != "onnx" or not method.uses_gradients or method.cam_class is None:
         return None
     cache = model.__dict__.setdefault("_explain_tops", {})
     if layer not in cache:
-        top = _Top(net)
-        name = top.name_of(net.get_submodule(layer))
-        cache[layer] = None if name is None else (top, name)
+        cache[layer] = None
+        target = model.module.get_submodule(layer)
+        for name, below, top in _cuts(model.module):
+            in_top = top.name_of(target)
+            if in_top is not None:
+                cache[layer] = (top, in_top, name, below)
+                break
     return cache[layer]
 
 
@@ -106,7 +147,7 @@ def cam_batch(model: LoadedModel, x: np.ndarray, targets: list[int], method: str
         raise ValueError(f"cam_batch needs a CAM method, not {method!r}")
     layer_name = resolve_layer(model.module, m, layer, model.target_layer)
     top = _top_part(model, m, layer_name)
-    features = None if top is None else model.stem_features(x)
+    features = None if top is None else model.onnx_part(top[2], top[3], x)
     if features is None:
         with CAM(model.module, method, layer_name, lock=model._lock) as cam:
             return cam(torch.from_numpy(x), targets)
@@ -122,9 +163,9 @@ def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, la
     layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
     x = torch.from_numpy(model.preprocess(rgb))[None]
     top = _top_part(model, m, layer_name)
-    features = None if top is None else model.stem_features(x.numpy())
+    features = None if top is None else model.onnx_part(top[2], top[3], x.numpy())
     if features is not None:
-        # Gradient methods on a layer above the stem: the stem runs in ONNX Runtime, PyTorch only runs the top.
+        # Gradient methods: the network below the cut runs in ONNX Runtime, PyTorch only runs the top.
         small = explain_tensor(top[0], torch.from_numpy(features), k, method, top[1], lock=model._lock)
         if small.shape != x.shape[-2:]:  # the map at the network's input size first, as the library makes it
             small = cv2.resize(small, x.shape[-2:][::-1], interpolation=cv2.INTER_LINEAR)

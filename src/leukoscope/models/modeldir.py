@@ -131,7 +131,7 @@ class LoadedModel:
     backend: str = "torch"
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _stem_session: Any = None
+    _part_sessions: dict = field(default_factory=dict, repr=False)
     _session_threads: int = 0
     _stem_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -149,29 +149,36 @@ class LoadedModel:
             self._session = onnx_session(onnx_path_for(self), threads)
             self._session_threads = threads
             with self._stem_lock:
-                self._stem_session = None
+                self._part_sessions.clear()
 
     def stem_features(self, x: np.ndarray) -> np.ndarray | None:
         """The output of the network's stem (the frozen part below the trained stage) for a prepared batch, through
-        ONNX Runtime; the stem is exported once to the cache. None on the PyTorch backend, for a network without a
-        stem, or when the export fails. Explanations use it: only the part above the stem needs PyTorch."""
-        if self.backend != "onnx" or not hasattr(self.module, "stem"):
+        ONNX Runtime (see :meth:`onnx_part`)."""
+        if not hasattr(self.module, "stem"):
+            return None
+        return self.onnx_part("stem", _Stem(self.module), x)
+
+    def onnx_part(self, name: str, part: nn.Module, x: np.ndarray) -> np.ndarray | None:
+        """``part(x)`` through ONNX Runtime for a prepared batch: ``part`` is a piece of this model's network (input
+        the network's input), exported once to the cache as ``<weights>.<name>.onnx``. None on the PyTorch backend or
+        when the export fails. Explanations use it: only the part above it needs PyTorch."""
+        if self.backend != "onnx":
             return None
         with self._stem_lock:
-            if self._stem_session is None:
-                path = onnx_path_for(self).with_suffix(".stem.onnx")
+            if name not in self._part_sessions:
+                path = onnx_path_for(self).with_suffix(f".{name}.onnx")
                 if not path.exists():
                     from leukoscope.models.export import export_onnx
 
                     try:
-                        export_onnx(_Stem(self.module), self.input_size, path)
+                        export_onnx(part, self.input_size, path)
                     except Exception as exc:  # read-only cache, ...: explanations fall back to PyTorch
-                        log.warning("stem export to ONNX failed (%s); explaining in PyTorch", exc)
-                        self._stem_session = False
+                        log.warning("export of %s to ONNX failed (%s); explaining in PyTorch", name, exc)
+                        self._part_sessions[name] = None
                         return None
-                self._stem_session = onnx_session(path, threads=1 if self._session_threads else 0)
-            session = self._stem_session
-        return None if session is False else session.run(None, {"input": x})[0]
+                self._part_sessions[name] = onnx_session(path, threads=1 if self._session_threads else 0)
+            session = self._part_sessions[name]
+        return None if session is None else session.run(None, {"input": x})[0]
 
     def prepare_batch(self, images: list[np.ndarray]) -> np.ndarray:
         return np.stack([self.preprocess(im) for im in images]).astype(np.float32)
