@@ -137,11 +137,12 @@ def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str
     return cache[layer]
 
 
-def cam_batch(model: LoadedModel, x: np.ndarray, targets: list[int], method: str = "gradcam",
+def cam_batch(model: LoadedModel, x: np.ndarray, targets: list[int] | None, method: str = "gradcam",
               layer: str | None = None) -> np.ndarray:
     """CAM maps ``(N, S, S)`` in [0, 1] of a prepared batch ``(N, 3, S, S)`` (see ``LoadedModel.prepare_batch``) for
-    class ``targets[i]`` of image ``i``, in one pass; the stem runs in ONNX Runtime when it can (as in
-    :func:`explain`). For the CAM methods (not occlusion)."""
+    class ``targets[i]`` of image ``i`` (None: each image's highest-scoring class), in one pass. On ONNX Runtime the
+    network below the cut runs there (see :func:`_cuts`), and the gradient-free Score-CAM's many forward passes too.
+    For the CAM methods (not occlusion)."""
     m = get_method(method)
     if m.cam_class is None:
         raise ValueError(f"cam_batch needs a CAM method, not {method!r}")
@@ -149,30 +150,26 @@ def cam_batch(model: LoadedModel, x: np.ndarray, targets: list[int], method: str
     top = _top_part(model, m, layer_name)
     features = None if top is None else model.onnx_part(top[2], top[3], x)
     if features is None:
-        with CAM(model.module, method, layer_name, lock=model._lock) as cam:
+        fast = model.logits if model.backend == "onnx" else None
+        with CAM(model.module, method, layer_name, lock=model._lock, logits_fn=fast) as cam:
             return cam(torch.from_numpy(x), targets)
     with CAM(top[0], method, top[1], lock=model._lock) as cam:
         small = cam(torch.from_numpy(features), targets)
-    size = tuple(x.shape[-2:][::-1])
+    size = tuple(x.shape[-2:][::-1])  # the maps at the network's input size, as the library makes them
     return np.stack([cv2.resize(s, size, interpolation=cv2.INTER_LINEAR) for s in small])
 
 
 def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, layer: str | None
              ) -> tuple[np.ndarray, str]:
     m = get_method(method)
-    layer_name = "" if m.cam_class is None else resolve_layer(model.module, m, layer, model.target_layer)
-    x = torch.from_numpy(model.preprocess(rgb))[None]
-    top = _top_part(model, m, layer_name)
-    features = None if top is None else model.onnx_part(top[2], top[3], x.numpy())
-    if features is not None:
-        # Gradient methods: the network below the cut runs in ONNX Runtime, PyTorch only runs the top.
-        small = explain_tensor(top[0], torch.from_numpy(features), k, method, top[1], lock=model._lock)
-        if small.shape != x.shape[-2:]:  # the map at the network's input size first, as the library makes it
-            small = cv2.resize(small, x.shape[-2:][::-1], interpolation=cv2.INTER_LINEAR)
-    else:
-        # With an ONNX Runtime session (predict's fast path) the gradient-free methods' many forward passes use it.
+    x = model.preprocess(rgb)[None]
+    if m.cam_class is not None:
+        layer_name = resolve_layer(model.module, m, layer, model.target_layer)
+        small = cam_batch(model, x, None if k is None else [k], method, layer_name)[0]
+    else:  # occlusion: its forward passes run on ONNX Runtime when the model does
+        layer_name = ""
         fast = model.logits if model.backend == "onnx" else None
-        small = explain_tensor(model.module, x, k, method, layer_name, lock=model._lock, logits_fn=fast)
+        small = explain_tensor(model.module, torch.from_numpy(x), k, method, lock=model._lock, logits_fn=fast)
     h, w = rgb.shape[:2]
     # Preprocess squashes the whole image to S x S, so resizing back is the exact inverse of its geometry.
     heat = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) if small.shape != (h, w) else small

@@ -133,7 +133,7 @@ class LoadedModel:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _part_sessions: dict = field(default_factory=dict, repr=False)
     _session_threads: int = 0
-    _stem_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _parts_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def input_size(self) -> int:
@@ -144,19 +144,13 @@ class LoadedModel:
         return self.info.get("target_layer", "")
 
     def set_onnx_threads(self, threads: int) -> None:
-        """Re-open the ONNX Runtime session with ``threads`` (see :func:`onnx_session`); no-op on PyTorch."""
-        if self.backend == "onnx" and self._session is not None:
+        """Re-open the ONNX Runtime session with ``threads`` (see :func:`onnx_session`; a server wants 1: its
+        parallelism comes from the requests); no-op on PyTorch or for 0 (the session stays as it is)."""
+        if threads > 0 and self.backend == "onnx" and self._session is not None:
             self._session = onnx_session(onnx_path_for(self), threads)
             self._session_threads = threads
-            with self._stem_lock:
+            with self._parts_lock:
                 self._part_sessions.clear()
-
-    def stem_features(self, x: np.ndarray) -> np.ndarray | None:
-        """The output of the network's stem (the frozen part below the trained stage) for a prepared batch, through
-        ONNX Runtime (see :meth:`onnx_part`)."""
-        if not hasattr(self.module, "stem"):
-            return None
-        return self.onnx_part("stem", _Stem(self.module), x)
 
     def onnx_part(self, name: str, part: nn.Module, x: np.ndarray) -> np.ndarray | None:
         """``part(x)`` through ONNX Runtime for a prepared batch: ``part`` is a piece of this model's network (input
@@ -164,7 +158,7 @@ class LoadedModel:
         when the export fails. Explanations use it: only the part above it needs PyTorch."""
         if self.backend != "onnx":
             return None
-        with self._stem_lock:
+        with self._parts_lock:
             if name not in self._part_sessions:
                 path = onnx_path_for(self).with_suffix(f".{name}.onnx")
                 if not path.exists():
@@ -216,17 +210,6 @@ class LoadedModel:
             probs.append(self.predict_arrays(batch, batch_size))
         arr = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
         return ok, arr, failed
-
-
-class _Stem(nn.Module):
-    """The stem of a network with ``stem()``, as a module of its own (for export)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.stem(x)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

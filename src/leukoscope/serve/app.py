@@ -73,8 +73,8 @@ class ServeConfig:
         max_pixels: larger images (width x height) get 422 before they are decoded.
         log_client: record the client's address in the audit log.
         explain_methods: the explanation methods ``/v1/explain`` accepts.
-        onnx_threads: ONNX Runtime threads per request, without spin-waiting (see :func:`tune_onnx`); 0 keeps the
-            session :func:`leukoscope.models.load_model` made.
+        onnx_threads: ONNX Runtime threads per request, without spin-waiting (see
+            ``LoadedModel.set_onnx_threads``); 0 keeps the session :func:`leukoscope.models.load_model` made.
     """
 
     audit_db: str | Path = "leukoscope-audit.sqlite"
@@ -212,19 +212,6 @@ def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                              f"them, or rename one in its model.json")
         out[name] = model
     return out
-
-
-def tune_onnx(model: LoadedModel, threads: int) -> None:
-    """Re-open a model's ONNX Runtime session for serving: ``threads`` intra-op threads and no spin-waiting.
-
-    A server runs many requests at once, so parallelism comes from the requests; ONNX Runtime's default (a thread per
-    core that spin-waits between operators) made each 224 px prediction cost twice the CPU time on 2 shared cores
-    (19.2 vs 9.7 CPU-ms per image on the session; 21-24 vs 15 CPU-ms per request through the server, see
-    docs/SERVING.md). Same model file, same provider, so the same probabilities (to float rounding). A model on the
-    PyTorch backend, or ``threads`` 0, leaves the session as it is.
-    """
-    if threads > 0:
-        model.set_onnx_threads(threads)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -375,13 +362,14 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                config: ServeConfig | None = None, backend: str = "auto") -> FastAPI:
     """The FastAPI app serving ``models`` (see :func:`load_models`; the first is the default).
 
-    ONNX Runtime sessions of the models are re-opened for serving (:func:`tune_onnx`, ``config.onnx_threads``).
+    ONNX Runtime sessions of the models are re-opened for serving (``LoadedModel.set_onnx_threads`` with
+    ``config.onnx_threads``).
     """
     cfg = config or ServeConfig()
     loaded = load_models(models, backend)
     state = _State(loaded, cfg, AuditLog(cfg.audit_db, cfg.store_images))
     for name, m in loaded.items():
-        tune_onnx(m, cfg.onnx_threads)
+        m.set_onnx_threads(cfg.onnx_threads)
         state.explain_pools[name] = ThreadPoolExecutor(1, thread_name_prefix=f"explain-{name}")
         state.model_infos[name] = {
             "name": name, "classes": list(m.classes), "backend": m.backend, "input_size": int(m.input_size),

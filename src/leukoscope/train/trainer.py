@@ -99,6 +99,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
     """Train a model as ``cfg`` says and write its model directory to ``out``."""
+    if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
+        raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     rank, world = _dist_info()
     out = Path(out)
     seed_everything(cfg.seed)
@@ -179,12 +181,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                                device=device)
         if subclasses:  # a subclass weighs what its class weighs: the classes stay balanced as without subclasses
             weights = weights[torch.as_tensor(sub_groups, device=device)]
-    elif cfg.balance not in BALANCE_MODES:
-        raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
     # source, so no source can teach "this source means that class"
-    sample_w = {name: source_class_weights(part[1].numpy(), part[2], len(ds.classes)).to(device)
-                for name, part in data.items()} if cfg.balance == "source" else None
+    sample_w = {name: source_class_weights(data[name][1].numpy(), data[name][2], len(ds.classes)).to(device)
+                for name in ("train", "val")} if cfg.balance == "source" else None
     ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
                              reduction="none" if sample_w else "mean")
 
