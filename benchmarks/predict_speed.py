@@ -1,7 +1,11 @@
 """`leukoscope predict` throughput and peak memory on a folder of 500 cell images, side by side with a plain eager
 PyTorch loop over the same images, in one run.
 
-    .venv/bin/python benchmarks/predict_speed.py [--model leukemia-cell] [--n 500] [--repeats 3]
+    .venv/bin/python benchmarks/predict_speed.py [--model leukemia-cell] [--n 500] [--repeats 3] [--int8]
+
+--int8 adds a third row: `leukoscope predict --backend int8` on the model's int8 network (made here in a temporary
+copy of the model directory by `leukoscope export --int8`, which also reports how often its labels agree with the
+float32 network's on held-out images).
 
 Targets (issue 3): >= 100 images/s at 224 px on 2 CPU cores after start-up, >= 5x the eager loop, peak RSS <= 1.5 GB.
 Each variant runs in its own process (so its peak memory is its own); medians over repeats.
@@ -26,13 +30,13 @@ from pathlib import Path
 variant, model_name, listing, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 paths = [Path(p) for p in Path(listing).read_text().split("\n") if p]
 torch.set_num_threads(2)
-if variant == "leukoscope":
-    model = load_model(model_name)                      # ONNX Runtime when installed
+if variant in ("leukoscope", "int8"):
+    model = load_model(model_name, backend="int8" if variant == "int8" else "auto")  # ONNX Runtime when installed
     predict_files(model, paths[:32])                    # warm-up (start-up excluded)
     times = []
     for _ in range(repeats):
         t = time.perf_counter(); preds, failed = predict_files(model, paths); times.append(time.perf_counter() - t)
-    backend = model.backend
+    backend = model.backend + (" int8" if variant == "int8" else "")
 else:  # the baseline: read, preprocess and run the model one image at a time in eager PyTorch
     model = load_model(model_name, backend="torch")
     net, pre = model.module, model.preprocess
@@ -67,6 +71,7 @@ def main() -> None:
     ap.add_argument("--model", default="leukemia-cell")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--int8", action="store_true", help="also time the int8 network (see the module docstring)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
     args = ap.parse_args()
     from leukoscope.data.datasets import load_dataset
@@ -79,16 +84,36 @@ def main() -> None:
         listing.write_text("\n".join(str(s.path) for s in samples))
         base = run("eager", args.model, listing, args.repeats)
         fast = run("leukoscope", args.model, listing, args.repeats)
+        rows = [("leukoscope predict", fast), ("eager PyTorch loop", base)]
+        if args.int8:
+            import shutil
+
+            from leukoscope.models import load_model
+            from leukoscope.models.quantize import export_int8
+
+            copy = Path(tmp) / "model"
+            shutil.copytree(load_model(args.model, backend="torch").path, copy)
+            _, check = export_int8(load_model(copy, backend="torch"))
+            q = run("int8", str(copy), listing, args.repeats)
+            q["agreement_with_fp32"] = check
+            rows.insert(1, ("leukoscope predict --backend int8", q))
     ratio = fast["median_images_per_s"] / base["median_images_per_s"]
-    rows = [("leukoscope predict", fast), ("eager PyTorch loop", base)]
     print(f"{len(samples)} images, model {args.model}, median of {args.repeats} runs after start-up\n")
     print("| variant | backend | images/s (median) | peak RSS MB |")
     print("|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['backend']} | {r['median_images_per_s']} | {r['peak_rss_mb']} |")
     print(f"\nspeed-up: {ratio:.1f}x  (targets: >= 100 images/s, >= 5x, peak RSS <= 1536 MB)")
+    result = {"leukoscope": fast, "eager": base, "speedup": ratio}
+    if args.int8:
+        q = rows[1][1]
+        result["int8"], result["speedup_int8"] = q, q["median_images_per_s"] / base["median_images_per_s"]
+        c = q["agreement_with_fp32"]
+        print(f"int8: {result['speedup_int8']:.1f}x the eager loop; labels agree with float32 on "
+              f"{c['label_agreement']:.4f} of {c['n_images']} held-out images (mean probability difference "
+              f"{c['mean_abs_prob_diff']:.4f}, largest {c['max_abs_prob_diff']:.4f})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"leukoscope": fast, "eager": base, "speedup": ratio}, indent=1))
+    Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

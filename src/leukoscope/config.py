@@ -46,6 +46,7 @@ class TrainConfig:
     subclasses: str = ""  # train on finer labels where a dataset has them (e.g. subtype), answer with the classes
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | source (classes balanced
     #                            within each source dataset) | none
+    source_weights: dict = field(default_factory=dict)  # source dataset -> loss weight of its images (default 1)
     schedule: str = "cosine"  # cosine | none
     label_smoothing: float = 0.0
     seed: int = 0

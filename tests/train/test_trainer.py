@@ -154,3 +154,33 @@ def test_training_on_subclasses_answers_with_the_classes(tmp_path, data_root):
     model = load_model(tmp_path / "m", backend="torch")
     p = model.predict_paths([picked[0].path, picked[1].path])[1]
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-6)
+
+
+def test_sample_weights_multiply_class_balance_by_source_weight():
+    from types import SimpleNamespace
+
+    from leukoscope.train.trainer import sample_weights
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    samples = [SimpleNamespace(source=s) for s in "aaaabb"]
+    cw = torch.tensor([0.5, 2.0])
+    w = sample_weights(y, samples, 2, "weights", cw, {"b": 3}).numpy()
+    np.testing.assert_allclose(w, [0.5, 0.5, 0.5, 2.0, 6.0, 6.0])
+    w = sample_weights(y, samples, 2, "none", None, {"a": 0.5}).numpy()
+    np.testing.assert_allclose(w, [0.5, 0.5, 0.5, 0.5, 1.0, 1.0])
+
+
+def test_equal_source_weights_train_as_without_them(tmp_path, tiny_model_dir):
+    a = train(make_config({**BASE, "epochs": 2}), tmp_path / "a", progress=False)
+    b = train(make_config({**BASE, "epochs": 2, "source_weights": {"all_idb2": 2.5}}), tmp_path / "b", progress=False)
+    for ha, hb in zip(a.history, b.history, strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+        assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("weights, message", [({"aria": 2}, "not among the datasets"),
+                                              ({"all_idb2": 0}, "positive numbers")])
+def test_bad_source_weights_fail_before_loading_data(tmp_path, monkeypatch, weights, message):
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("data loaded"), raising=False)
+    with pytest.raises(ValueError, match=message):
+        train(make_config({**BASE, "source_weights": weights}), tmp_path / "m", progress=False)

@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--split-file", help="split JSON (default: the model's split.json)")
     p.add_argument("--out", help="folder for evaluation.json/.md/.html and the plots")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
+                   help="inference backend (int8: the model's model.int8.onnx, see `leukoscope export --int8`)")
     p.set_defaults(func=main)
     return p
 
@@ -23,8 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from leukoscope.evaluate.report import markdown_report
     from leukoscope.evaluate.run import evaluate_model
+    from leukoscope.models import load_model
 
-    res = evaluate_model(args.model, args.dataset, args.split, args.out, args.root, args.split_file,
+    model = load_model(args.model, backend=args.backend)
+    res = evaluate_model(model, args.dataset, args.split, args.out, args.root, args.split_file,
                          progress=sys.stderr.isatty())
     print(json.dumps(res, indent=1, default=float) if args.json else markdown_report(res))
     for u in res["unreadable"]:

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="dotted name of the layer to explain (default: the model's)")
     p.add_argument("--out", required=True, help="folder for <stem>.overlay.png, <stem>.heatmap.npy, <stem>.json and "
                                                 "index.html")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference for the probabilities (and the gradient-free methods' many passes); gradients "
                         "always come from PyTorch")
     p.add_argument("--no-html", action="store_true", help="do not write index.html")

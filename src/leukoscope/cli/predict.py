@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="also write Grad-CAM overlays, heatmaps and JSON into DIR")
     p.add_argument("--method", default="gradcam", help="explanation method for --heatmaps")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
     return p

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "are partial: shown, not counted (default 0.8; 0 counts every cell)")
     p.add_argument("--no-gradcam", action="store_true", help="do not draw Grad-CAM on abnormal cells")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON and GeoJSON files")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.set_defaults(func=main)
     return p
 

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body accepted (default 20)")
     p.add_argument("--max-pixels", type=int, default=25_000_000,
                    help="largest image accepted, width x height (default 25,000,000)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference backend (auto: ONNX Runtime when installed)")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch threads (Grad-CAM); default: PyTorch's choice")

@@ -6,6 +6,8 @@
     metrics.json        what it reached on held-out groups
     MODEL_CARD.md       data seen, split, metrics with CIs, intended use, limits
     model.onnx          optional (``leukoscope export --onnx``): used automatically for fast inference
+    model.int8.onnx     optional (``leukoscope export --int8``): the int8 network, used with ``backend="int8"``
+    model.int8.json     its calibration and its agreement with the float32 network on held-out images
 
 Predict, evaluate, explain, the API and the web page all load a model through :func:`load_model`.
 """
@@ -35,6 +37,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "leukemia-cell"
 
 MODELS: Registry = Registry("model")
+BACKENDS = ["auto", "onnx", "int8", "torch"]
+INT8_FILE, INT8_REPORT = "model.int8.onnx", "model.int8.json"
 
 
 @MODELS.register("cnn")
@@ -129,6 +133,7 @@ class LoadedModel:
     temperature: float
     info: dict
     backend: str = "torch"
+    precision: str = "fp32"
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _part_sessions: dict = field(default_factory=dict, repr=False)
@@ -147,7 +152,8 @@ class LoadedModel:
         """Re-open the ONNX Runtime session with ``threads`` (see :func:`onnx_session`; a server wants 1: its
         parallelism comes from the requests); no-op on PyTorch or for 0 (the session stays as it is)."""
         if threads > 0 and self.backend == "onnx" and self._session is not None:
-            self._session = onnx_session(onnx_path_for(self), threads)
+            self._session = onnx_session(self.path / INT8_FILE if self.precision == "int8" else onnx_path_for(self),
+                                         threads)
             self._session_threads = threads
             with self._parts_lock:
                 self._part_sessions.clear()
@@ -276,12 +282,35 @@ def _attach_onnx(model: LoadedModel, required: bool, threads: int = 0) -> None:
     model.backend = "onnx"
 
 
+def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
+    path = model.path / INT8_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"model {model.name!r} has no int8 network ({path}); make it with "
+                                f"`leukoscope export --model {model.path} --int8`")
+    report = path.with_name(INT8_REPORT)
+    if report.exists():
+        made_for = json.loads(report.read_text()).get("weights_sha256")
+        if made_for and made_for != model.info.get("weights_sha256"):
+            raise ValueError(f"{path} was made from other weights ({made_for[:16]}) than {model.name!r} "
+                             f"({str(model.info.get('weights_sha256'))[:16]}); export it again")
+    try:
+        import onnxruntime  # noqa: F401  (installed?)
+    except ImportError:
+        from leukoscope.errors import MissingExtraError
+
+        raise MissingExtraError("the int8 backend needs onnxruntime: pip install 'leukoscope[onnx]'") from None
+    model._session = onnx_session(path, threads)
+    model._session_threads = threads
+    model.backend, model.precision = "onnx", "int8"  # explanations still cut the float32 network (onnx_part)
+
+
 def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0) -> LoadedModel:
     """Load a model directory or a shipped model by name (default ``leukemia-cell``).
 
     Args:
-        backend: ``auto`` (ONNX Runtime when the directory has ``model.onnx`` and onnxruntime is installed, else
-            PyTorch), ``torch`` or ``onnx``.
+        backend: ``auto`` (ONNX Runtime when onnxruntime is installed, else PyTorch), ``torch``, ``onnx`` or
+            ``int8`` (ONNX Runtime on the directory's ``model.int8.onnx``, see :mod:`leukoscope.models.quantize`;
+            about twice as fast on CPUs with int8 instructions, predictions checked in ``model.int8.json``).
         onnx_threads: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its default).
     """
     from safetensors.torch import load_file
@@ -296,6 +325,8 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
                         Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info)
     if backend in ("auto", "onnx"):
         _attach_onnx(model, required=backend == "onnx", threads=onnx_threads)
+    elif backend == "int8":
+        _attach_int8(model, threads=onnx_threads)
     elif backend != "torch":
-        raise ValueError(f"Unknown backend {backend!r}. Available: ['auto', 'onnx', 'torch']")
+        raise ValueError(f"Unknown backend {backend!r}. Available: {BACKENDS}")
     return model

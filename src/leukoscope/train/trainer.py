@@ -101,6 +101,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     """Train a model as ``cfg`` says and write its model directory to ``out``."""
     if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
         raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
+    check_source_weights(cfg.source_weights, cfg.datasets)
     rank, world = _dist_info()
     out = Path(out)
     seed_everything(cfg.seed)
@@ -183,8 +184,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             weights = weights[torch.as_tensor(sub_groups, device=device)]
     # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
     # source, so no source can teach "this source means that class"
-    sample_w = {name: source_class_weights(data[name][1].numpy(), data[name][2], len(ds.classes)).to(device)
-                for name in ("train", "val")} if cfg.balance == "source" else None
+    sample_w = None
+    if cfg.balance == "source" or cfg.source_weights:
+        class_w = (torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+                   if cfg.balance == "weights" else None)
+        # the validation loss is unweighted by class except under 'source' (as without source weights)
+        sample_w = {name: sample_weights(data[name][1].numpy(), data[name][2], len(ds.classes), cfg.balance,
+                                         class_w if name == "train" else None, cfg.source_weights).to(device)
+                    for name in ("train", "val")}
+        weights = None  # in the sample weights now
     ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
                              reduction="none" if sample_w else "mean")
 
@@ -366,6 +374,30 @@ def subclass_labels(ds: Dataset, label: str) -> tuple[list[str], list[int]]:
         raise ValueError(f"no sample of {ds.name!r} has a label {label!r} that refines its class; labels: {have}")
     subs = sorted(cls, key=lambda n: (cls[n], n != ds.classes[cls[n]], n))
     return subs, [cls[n] for n in subs]
+
+
+def sample_weights(y: np.ndarray, samples: list, n_classes: int, balance: str, class_weights: torch.Tensor | None,
+                   source_weights: dict) -> torch.Tensor:
+    """Per-sample loss weights: the class balance (``balance`` ``source``: :func:`source_class_weights`;
+    ``weights``: ``class_weights[y]``; else 1) times the sample's source weight (``source_weights``, default 1).
+    The loss is their weighted mean, so with equal source weights it is the class-weighted loss."""
+    if balance == "source":
+        w = source_class_weights(y, samples, n_classes)
+    elif class_weights is not None:
+        w = class_weights[torch.as_tensor(y, dtype=torch.long)]
+    else:
+        w = torch.ones(len(y), dtype=torch.float32)
+    return w * torch.tensor([float(source_weights.get(getattr(s, "source", ""), 1.0)) for s in samples],
+                            dtype=torch.float32)
+
+
+def check_source_weights(weights: dict, datasets: tuple[str, ...]) -> None:
+    unknown = sorted(set(weights) - set(datasets))
+    if unknown:
+        raise ValueError(f"source_weights names {unknown}, not among the datasets {list(datasets)}")
+    bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}
+    if bad:
+        raise ValueError(f"source_weights must be positive numbers, got {bad}")
 
 
 def source_class_weights(y: np.ndarray, samples: list, n_classes: int) -> torch.Tensor:

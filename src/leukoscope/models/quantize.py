@@ -1,0 +1,131 @@
+"""Int8 ONNX: static quantisation calibrated on the model's own training images, checked against float32.
+
+On a CPU with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot-product) ONNX Runtime runs the int8
+network about twice as fast as the float32 one (EfficientNet-Lite0 at 224 px on this project's 2-core machine:
+447 vs 201 images/s). Predictions move a little, so the export measures that on held-out images
+(:func:`agreement`) and writes the result next to the network (``model.int8.json``); the model card's metrics
+are those of the float32 network. Used only when asked for (``--backend int8``).
+
+    leukoscope export --model leukemia-cell --int8
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukoscope.models.modeldir import INT8_FILE, INT8_REPORT
+
+log = logging.getLogger(__name__)
+
+
+def split_images(model: Any, part: str, n: int, seed: int = 0) -> list[Path]:
+    """Up to ``n`` image paths of ``part`` (``train``, ``val``, ``test``) of the model's own split, spread evenly over
+    the datasets it was trained on and their classes (random within each, fixed ``seed``)."""
+    from leukoscope.evaluate.run import select
+
+    datasets = model.info.get("datasets") or []
+    if not datasets or not (model.path / "split.json").exists():
+        raise ValueError(f"model {model.name!r} has no recorded datasets and split.json; pass calibration images")
+    strata: dict[tuple[str, str], list[Path]] = {}
+    for name in datasets:
+        for s in select(model, name, part).samples:
+            strata.setdefault((name, s.label), []).append(s.path)
+    rng = np.random.default_rng(seed)
+    for paths in strata.values():
+        rng.shuffle(paths)
+    out: list[Path] = []
+    while len(out) < n and any(strata.values()):  # round robin over (dataset, class)
+        for key in sorted(strata):
+            if strata[key] and len(out) < n:
+                out.append(strata[key].pop())
+    return out
+
+
+class _Reader:
+    """ONNX Runtime's calibration reader over prepared batches."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict | None:
+        x = next(self._it, None)
+        return None if x is None else {"input": x}
+
+    def __iter__(self):  # some of ONNX Runtime's tools iterate instead
+        return iter(self.get_next, None)
+
+
+def prepared(model: Any, paths: list[Path], batch_size: int = 16) -> list[np.ndarray]:
+    from leukoscope.data.images import read_image
+
+    return [model.prepare_batch([read_image(p) for p in paths[i:i + batch_size]])
+            for i in range(0, len(paths), batch_size)]
+
+
+def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = None) -> Path:
+    """Write the int8 network of ``model`` (a :class:`LoadedModel`) calibrated on ``calibration`` images.
+
+    Static quantisation in ONNX Runtime's QDQ format: weights int8 per output channel, activations uint8 with ranges
+    from the calibration images (min-max). Atomic write; default ``model.int8.onnx`` in the model directory."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from leukoscope.models.export import export_onnx
+
+    if not calibration:
+        raise ValueError("int8 calibration needs at least one image")
+    out = Path(out) if out else model.path / INT8_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model.module, model.input_size, Path(tmp) / "fp32.onnx")
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre))
+        reader = _Reader(prepared(model, calibration))
+        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        quantize_static(str(pre), str(tmp_out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(tmp_out, out)
+    return out
+
+
+def agreement(model: Any, int8_path: str | Path, paths: list[Path]) -> dict:
+    """How the int8 network's calibrated probabilities compare with the float32 network's on ``paths``: share of
+    equal labels, largest and mean absolute difference of the probabilities."""
+    from leukoscope.models.export import export_onnx
+    from leukoscope.models.modeldir import onnx_session, softmax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = onnx_session(export_onnx(model.module, model.input_size, Path(tmp) / "fp32.onnx"))
+    q = onnx_session(int8_path)
+    p32, p8 = [], []
+    for x in prepared(model, paths, 32):
+        p32.append(softmax(fp32.run(None, {"input": x})[0] / model.temperature))
+        p8.append(softmax(q.run(None, {"input": x})[0] / model.temperature))
+    a, b = np.concatenate(p32), np.concatenate(p8)
+    diff = np.abs(a - b)
+    return {"n_images": len(a), "label_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+            "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean())}
+
+
+def export_int8(model: Any, n_calibration: int = 256, n_check: int = 512, calibration: list[Path] | None = None,
+                out: str | Path | None = None) -> tuple[Path, dict]:
+    """Calibrate on ``n_calibration`` training images (or ``calibration``), write the int8 network and check it on
+    up to ``n_check`` held-out validation and test images of the model's split; the check is saved next to it."""
+    cal = calibration or split_images(model, "train", n_calibration)
+    path = quantize_int8(model, cal, out)
+    try:
+        check_paths = split_images(model, "val", n_check // 2) + split_images(model, "test", n_check // 2)
+        held = "validation and test images of the model's split"
+    except ValueError:
+        check_paths, held = cal, "the calibration images (the model has no recorded split)"
+    report = {"calibration_images": len(cal), "checked_on": held, **agreement(model, path, check_paths),
+              "weights_sha256": model.info.get("weights_sha256")}
+    report_path = path.parent / INT8_REPORT if path.name == INT8_FILE else path.with_suffix(".json")
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    return path, report
