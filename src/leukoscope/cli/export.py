@@ -41,7 +41,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {out} (calibrated on {rep['calibration_images']} images); against float32 on "
               f"{rep['n_images']} {rep['checked_on']}: labels agree {rep['label_agreement']:.4f}, "
               f"probabilities differ by {rep['mean_abs_prob_diff']:.4f} on average, {rep['max_abs_prob_diff']:.4f} "
-              "at most")
+              "at most; for scale, float32 on the same images plus noise of one grey level: labels agree "
+              f"{rep['float32_under_1_grey_level_noise']['label_agreement']:.4f}, probabilities differ by "
+              f"{rep['float32_under_1_grey_level_noise']['mean_abs_prob_diff']:.4f} on average")
         return 0
     out = export_onnx(model.module, model.input_size, args.out or model.path / "model.onnx")
     x = np.random.default_rng(0).normal(size=(4, 3, model.input_size, model.input_size)).astype(np.float32)
