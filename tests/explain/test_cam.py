@@ -10,7 +10,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from leukoscope.data.images import read_image
 from leukoscope.explain import CAM, METHODS, get_method, occlusion_map, tokens_to_grid
-from leukoscope.explain.cam import fine_layer, resolve_layer
+from leukoscope.explain.cam import CAMERAS_SCALES, MultiScaleCAM, fine_layer, resolve_layer
 
 SIZE = 64  # the input size of the conftest models
 
@@ -36,7 +36,8 @@ def test_tokens_to_grid_drops_the_class_token_and_keeps_positions():
 
 
 # Score-CAM on the hybrid is covered by test_quiet_scorecam_equals_the_library
-CASES = [(k, m) for k in ("cnn", "hybrid") for m in ("gradcam", "gradcam++", "layercam")] + [("cnn", "scorecam")]
+CASES = [(k, m) for k in ("cnn", "hybrid") for m in ("gradcam", "gradcam++", "layercam", "cameras")] + [
+    ("cnn", "scorecam")]
 
 
 @pytest.mark.parametrize("kind,method", CASES)
@@ -148,3 +149,97 @@ def test_unknown_method_and_layer_messages(cnn_model):
         resolve_layer(cnn_model.module, get_method("gradcam"), "backbone.nope", cnn_model.target_layer)
     with pytest.raises(ValueError, match="needs no hooks"):
         CAM(cnn_model.module, "occlusion", cnn_model.target_layer)
+
+
+class _PatchNet(torch.nn.Module):
+    """A fully convolutional toy network: brightness of 32 x 32 patches (stride 32), ReLU, global mean, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 32, stride=32, bias=False)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / (3 * 32 * 32))
+            self.fc.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_cameras_resolves_detail_finer_than_the_layer_stride(no_hooks):
+    # An 8 x 8 bright square inside one 32 x 32 cell of the layer's grid (2 x 2 at 64 px): at one size the map can
+    # only light up that whole cell; run at 4 x the size the layer's grid is 8 x 8 and the map finds the square.
+    net = _PatchNet().eval()
+    x = torch.zeros(1, 3, 64, 64)
+    x[:, :, 8:16, 40:48] = 1.0
+    square = np.zeros((64, 64), bool)
+    square[8:16, 40:48] = True
+    near = np.zeros((64, 64), bool)
+    near[4:20, 36:52] = True  # the square and 4 px around it
+    maps = {}
+    for scales in [(1,), CAMERAS_SCALES]:
+        with CAM(net, "cameras", "act", scales=scales) as cam:
+            maps[scales] = cam(x, [1])[0]
+        assert no_hooks(net) == []
+    one, multi = maps[(1,)], maps[CAMERAS_SCALES]
+    assert multi.shape == (64, 64) and 0 <= multi.min() and multi.max() == pytest.approx(1.0, abs=1e-4)
+    mass = {k: float(m[near].sum() / m.sum()) for k, m in maps.items()}
+    assert mass[CAMERAS_SCALES] > 0.45 and mass[CAMERAS_SCALES] > 2 * mass[(1,)], mass
+    # single size: a bilinear blow-up of the 2 x 2 grid, its peak off the square (in the cell's corner) and no cold
+    # part in the square's cell; the multi-scale map is cold (< 0.2) in most of that cell, away from the square
+    assert square[np.unravel_index(int(multi.argmax()), multi.shape)]
+    assert not square[np.unravel_index(int(one.argmax()), one.shape)]
+    assert one[:32, 32:].min() > 0.2 and (multi[:32, 32:] < 0.2).mean() > 0.5
+
+
+def _span_residual(m: np.ndarray, g: int) -> float:
+    """How far (RMS) ``m`` lies from every bilinear blow-up of a ``g`` x ``g`` grid plus a constant (least squares)."""
+    basis = torch.eye(g * g).reshape(g * g, 1, g, g)
+    up = torch.nn.functional.interpolate(basis, size=m.shape, mode="bilinear", align_corners=False)
+    a = np.concatenate([up.reshape(g * g, -1).T.numpy(), np.ones((m.size, 1), np.float32)], 1).astype(np.float64)
+    coef = np.linalg.lstsq(a, m.ravel().astype(np.float64), rcond=None)[0]
+    return float(np.sqrt(np.mean((a @ coef - m.ravel()) ** 2)))
+
+
+def test_cameras_grid_is_finer_on_a_real_cell(cnn_model, cnmc_paths):
+    # At 64 px the target layer (stride 32) is a 2 x 2 grid; at 4 x 64 px it is 8 x 8. The single-size map is a
+    # bilinear blow-up of a 2 x 2 grid; the multi-scale map is one of an 8 x 8 grid and far from any 2 x 2 one.
+    x = torch.from_numpy(cnn_model.preprocess(read_image(cnmc_paths[3])))[None]
+    maps = {}
+    for scales in [(1,), CAMERAS_SCALES]:
+        with CAM(cnn_model.module, "cameras", cnn_model.target_layer, scales=scales) as cam:
+            maps[scales] = cam(x)[0]
+    one, multi = maps[(1,)], maps[CAMERAS_SCALES]
+    native, finest = SIZE // 32, int(SIZE * max(CAMERAS_SCALES)) // 32
+    assert _span_residual(one, native) < 1e-4
+    assert _span_residual(multi, finest) < 1e-4
+    assert _span_residual(multi, native) > 0.05 and _span_residual(multi, finest // 2) > 0.02
+
+
+def test_cameras_refuses_a_model_of_one_input_size(no_hooks):
+    class FixedSize(torch.nn.Module):  # a flatten + linear head: only 64 x 64 inputs fit
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * SIZE * SIZE, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).flatten(1))
+
+    net = FixedSize().eval()
+    with pytest.raises(ValueError, match="runs the network at 128x128 px .* FixedSize cannot take that size"):
+        with CAM(net, "cameras", "conv", scales=(1, 2)) as cam:
+            cam(_x())
+    assert no_hooks(net) == [] and all(p.requires_grad for p in net.parameters())
+    with CAM(net, "cameras", "conv", scales=(1,)) as cam:  # at its own size it works
+        assert cam(_x()).shape == (1, SIZE, SIZE)
+
+
+def test_cameras_scales_are_checked(cnn_model):
+    with pytest.raises(ValueError, match="must include 1"):
+        MultiScaleCAM(cnn_model.module, [cnn_model.module.get_submodule("backbone.bn2")], scales=(2, 3))
+    with pytest.raises(ValueError, match="runs at one input size"):
+        CAM(cnn_model.module, "gradcam", cnn_model.target_layer, scales=(1, 2))
+    assert get_method("cameras").scales == CAMERAS_SCALES and get_method("gradcam").scales == ()

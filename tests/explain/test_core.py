@@ -39,7 +39,8 @@ def test_explain_returns_prediction_heatmap_and_overlay(cnn_model, cnmc_paths):
     assert d["image_size"] == [450, 450] and d["path"] == str(cnmc_paths[0])
 
 
-@pytest.mark.parametrize("kind,method", [("cnn", "gradcam"), ("cnn", "occlusion"), ("hybrid", "gradcam++")])
+@pytest.mark.parametrize("kind,method", [("cnn", "gradcam"), ("cnn", "occlusion"), ("hybrid", "gradcam++"),
+                                         ("cnn", "cameras"), ("hybrid", "cameras")])
 def test_prediction_unchanged_input_untouched(request, cnmc_paths, kind, method, no_hooks):
     model = request.getfixturevalue(f"{kind}_model")
     # already at the model's input size, so preprocessing hands back the very same array: it must still not change
@@ -128,4 +129,15 @@ def test_layer_inside_the_stem_takes_the_full_path(cnn_model, cnmc_paths, onnx_t
     ref = gradcam_array(cnn_model, rgb, layer="backbone.blocks.4")  # a stride-16 stage: part of the frozen stem
     fast = gradcam_array(twin, rgb, layer="backbone.blocks.4")
     assert twin._part_sessions == {}
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-5)
+
+
+def test_cameras_on_an_onnx_model_runs_in_pytorch(cnn_model, cnmc_paths, onnx_twin):
+    # the exported part below the cut is not made for other input sizes: the multi-scale method takes no cut
+    twin = onnx_twin(cnn_model)
+    rgb = read_image(cnmc_paths[7])
+    ref = gradcam_array(cnn_model, rgb, method="cameras")
+    fast = gradcam_array(twin, rgb, method="cameras")
+    assert twin._part_sessions == {}
+    assert ref.shape == rgb.shape[:2] and ref.max() > 0.9
     np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-5)

@@ -10,6 +10,10 @@ Token maps: the hybrid model's target layer gives tokens ``(B, 1 + g*g, dim)`` w
 
 Gradient-free methods: ``scorecam`` (Score-CAM, from the library; one forward pass per channel of the target layer)
 and ``occlusion`` (a blurred patch slides over the image; no hooks at all, works on any network).
+
+Multi-scale: ``cameras`` (:class:`MultiScaleCAM`, after CAMERAS, Jalwana et al. 2021) runs the network on the input
+enlarged to several sizes, so that the target layer's grid is finer (7 x 7 at 224 px, 28 x 28 at 896 px), and
+combines the activations and gradients of all sizes. Implemented here, on the library's hook class.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class Method:
         uses_gradients: False for gradient-free methods.
         layer: which layer it explains by default: ``model`` (the model's recorded target layer) or ``fine``
             (the stride-16 layer of the CNN backbone, see :func:`fine_layer`).
+        scales: for a multi-scale method, the input sizes it runs the network at, as multiples of the model's input
+            size (empty for the others). Such a method runs the whole network in PyTorch at each size, so it never
+            takes the ONNX Runtime cut of ``explain.core.cam_batch``.
     """
 
     name: str
@@ -46,6 +53,7 @@ class Method:
     cam_class: Callable | None
     uses_gradients: bool
     layer: str = "model"
+    scales: tuple[float, ...] = ()
 
 
 METHODS: Registry = Registry("explanation method")
@@ -95,6 +103,97 @@ def _library_methods() -> None:
     _register(Method("layercam", "LayerCAM (stride 16)", LayerCAM, True, layer="fine"))
     _register(Method("scorecam", "Score-CAM", QuietScoreCAM, False))
     _register(Method("occlusion", "Occlusion", None, False))
+    _register(Method("cameras", "CAMERAS (multi-scale)", MultiScaleCAM, True, scales=CAMERAS_SCALES))
+
+
+# Input sizes of ``cameras``, in multiples of the model's input size: 224, 448, 672 and 896 px for a 224 px model,
+# i.e. 7, 14, 21 and 28 cells a side at a stride-32 layer.
+CAMERAS_SCALES = (1.0, 2.0, 3.0, 4.0)
+
+
+class MultiScaleCAM:
+    """Multi-scale class activation map after CAMERAS (Jalwana et al., CVPR 2021).
+
+    The input is enlarged (bicubic) to each of ``scales`` times its size and run through the network; at every size
+    the target layer's activations ``A_s`` and the gradients ``G_s`` of the explained class's logit are recorded and
+    upsampled (bilinear) to the largest size's grid, then averaged over the sizes. The map is
+    ``relu(sum_c mean_s(G_s)_c * mean_s(A_s)_c)``, upsampled to the input's size and scaled to [0, 1]. A fully
+    convolutional network with global pooling gives a finer grid at a larger input (a stride-32 layer: 28 x 28 at
+    4 x 224 px), so the map can follow a cell's outline where Grad-CAM's 7 x 7 cannot.
+
+    The explained class is the one asked for, else the class the network predicts at its own input size (scale 1, the
+    first pass); every size's gradient is of that class, and every size counts. Two deliberate differences from the
+    authors' code: activations and gradients are upsampled to the largest grid, not to the input's pixels (detail is
+    bounded by that grid either way; 1280 x 28 x 28 values per size instead of 1280 x 224 x 224), and
+    a size where the prediction differs from the native one is kept (the authors drop it when no class is given,
+    which would make ``explain()`` and ``gradcam_array()`` disagree: one passes the class, the other does not).
+
+    Same interface as a pytorch-grad-cam class (``CAM`` attaches it and releases ``activations_and_grads``).
+
+    Args:
+        model: the network (logits out); it must accept inputs of every size in ``scales``.
+        target_layers: one layer.
+        reshape_transform: activation -> ``(B, C, h, w)`` (e.g. :func:`tokens_to_grid`).
+        scales: input sizes as multiples of the input's size; must include 1 (the native size), each >= 1.
+    """
+
+    def __init__(self, model: nn.Module, target_layers: list[nn.Module],
+                 reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 scales: tuple[float, ...] = CAMERAS_SCALES) -> None:
+        from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+        scales = tuple(sorted({float(s) for s in scales}))
+        if not scales or scales[0] != 1.0:
+            raise ValueError(f"scales must include 1 (the model's own input size) and be >= 1, got {scales}")
+        if len(target_layers) != 1:
+            raise ValueError(f"MultiScaleCAM explains one layer, got {len(target_layers)}")
+        self.model = model
+        self.scales = scales
+        self.activations_and_grads = ActivationsAndGradients(model, target_layers, reshape_transform)
+
+    def __call__(self, input_tensor: torch.Tensor, targets: list[Callable] | None = None) -> np.ndarray:
+        """Maps ``(N, H, W)`` float32 in [0, 1] of a batch ``(N, 3, H, W)``; ``targets[i]`` maps image ``i``'s
+        logits to the explained score (None: the logit of its class predicted at scale 1)."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        n, _, h, w = input_tensor.shape
+        acts, grads = [], []
+        for s in self.scales:  # scale 1 first: the native prediction
+            size = (round(h * s), round(w * s))
+            x = input_tensor if s == 1.0 else nn.functional.interpolate(input_tensor, size=size, mode="bicubic",
+                                                                        align_corners=False)
+            try:
+                out = self.activations_and_grads(x)
+            except (RuntimeError, ValueError, AssertionError) as e:
+                if s == 1.0:
+                    raise
+                raise ValueError(f"method 'cameras' runs the network at {size[1]}x{size[0]} px ({s:g} x its input) "
+                                 f"and {type(self.model).__name__} cannot take that size ({e}); use another method "
+                                 f"or scales=(1,)") from e
+            if targets is None:
+                targets = [ClassifierOutputTarget(int(k)) for k in out.argmax(1)]
+            if len(targets) != n:
+                raise ValueError(f"got {len(targets)} target classes for a batch of {n} images")
+            score = sum(t(o) for t, o in zip(targets, out, strict=True))
+            score.backward()
+            acts.append(self.activations_and_grads.activations[-1].float())
+            grads.append(self.activations_and_grads.gradients[0].float())
+            self.activations_and_grads.clear()
+        with torch.no_grad():
+            grid = acts[-1].shape[-2:]  # the largest size's grid
+
+            def up(t: torch.Tensor) -> torch.Tensor:
+                return t if t.shape[-2:] == grid else nn.functional.interpolate(t, size=grid, mode="bilinear",
+                                                                                 align_corners=False)
+
+            mean_a = torch.stack([up(a) for a in acts]).mean(0)
+            mean_g = torch.stack([up(g) for g in grads]).mean(0)
+            cam = torch.relu((mean_a * mean_g).sum(1, keepdim=True))
+            cam = nn.functional.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            flat = cam.flatten(1)
+            lo, hi = flat.min(1)[0][:, None, None], flat.max(1)[0][:, None, None]
+            cam = (cam - lo) / (hi - lo + 1e-7)
+        return cam.cpu().numpy().astype(np.float32)
 
 
 _library_methods()
@@ -180,14 +279,21 @@ class CAM:
         lock: held while the hooks are attached, so that no other thread's forward pass goes through them.
         logits_fn: optional faster forward pass (normalised float32 batch -> logits, e.g. the model's ONNX Runtime
             session) for Score-CAM's many masked inputs; it must not take ``lock``.
+        scales: input sizes of a multi-scale method (``cameras``), in multiples of the input's size (default: the
+            method's own, see :data:`CAMERAS_SCALES`); an error for any other method.
     """
 
     def __init__(self, module: nn.Module, method: str, layer: str, lock: threading.Lock | None = None,
-                 logits_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 logits_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+                 scales: tuple[float, ...] | None = None) -> None:
         self.module = module
         self.method = get_method(method)
         if self.method.cam_class is None:
             raise ValueError(f"method {method!r} needs no hooks; call occlusion_map() instead")
+        if scales is not None and not self.method.scales:
+            raise ValueError(f"method {method!r} runs at one input size; scales={scales} is for a multi-scale method "
+                             f"such as 'cameras'")
+        self._scales = tuple(scales) if scales is not None else self.method.scales
         self.layer = layer
         self._lock = lock
         self._logits_fn = logits_fn
@@ -213,7 +319,8 @@ class CAM:
             if self.method.uses_gradients and not self._grad_from_input:
                 # Registered before the library's hooks, so they see (and take gradients of) this leaf.
                 self._leaf_hook = target.register_forward_hook(_gradient_leaf)
-            self._cam = self.method.cam_class(self.module, [target], reshape_transform=tokens_to_grid)
+            extra = {"scales": self._scales} if self.method.scales else {}
+            self._cam = self.method.cam_class(self.module, [target], reshape_transform=tokens_to_grid, **extra)
             if self._logits_fn is not None and hasattr(self._cam, "logits_fn"):
                 self._cam.logits_fn = self._logits_fn
         except BaseException:

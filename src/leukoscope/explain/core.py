@@ -123,8 +123,8 @@ def _cuts(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module, _Top]]:
 def _top_part(model: LoadedModel, method: Method, layer: str) -> tuple[_Top, str, str, torch.nn.Module] | None:
     """(top, ``layer``'s name in it, cut name, part below) for the lowest cut under ``layer``, when a gradient
     method explains a model that runs on ONNX Runtime (cached on the model); None otherwise."""
-    if model.backend != "onnx" or not method.uses_gradients or method.cam_class is None:
-        return None
+    if model.backend != "onnx" or not method.uses_gradients or method.cam_class is None or method.scales:
+        return None  # (a multi-scale method runs the whole network at sizes the exported part was not made for)
     cache = model.__dict__.setdefault("_explain_tops", {})
     if layer not in cache:
         cache[layer] = None
@@ -184,7 +184,8 @@ def gradcam_array(model: LoadedModel | str | Path | None, rgb: np.ndarray, targe
         model: a loaded model, a shipped model name or a model directory.
         rgb: ``(H, W, 3)`` uint8; not modified.
         target_class: class index or name to explain; None explains the predicted class.
-        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam`` or ``occlusion``.
+        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam``, ``occlusion`` or ``cameras``
+            (multi-scale, finer map, ~30 forward passes' worth of compute; see docs/EXPLAIN.md).
         layer: dotted name of the layer to explain (default: the method's choice, usually the model's target layer).
     """
     model = as_model(model)
@@ -261,7 +262,7 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     Args:
         image: a path or an RGB uint8 array (not modified).
         model: a loaded model, a shipped model name or a model directory (default ``leukemia-cell``).
-        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam`` or ``occlusion``.
+        method: ``gradcam`` (default), ``gradcam++``, ``layercam``, ``scorecam``, ``occlusion`` or ``cameras``.
         target_class: class index or name to explain; None explains the predicted class.
         layer: the layer a CAM method explains (default: the model's recorded target layer; LayerCAM: the
             backbone's stride-16 stage).
