@@ -50,8 +50,8 @@ else:  # the baseline: read, preprocess and run the model one image at a time in
                 net(torch.from_numpy(pre(read_image(p)))[None]).softmax(1)
         times.append(time.perf_counter() - t)
     backend = "torch eager, batch 1"
-import resource
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# this process's own high-water mark (ru_maxrss would carry the parent's size at fork over the exec)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"variant": variant, "backend": backend, "n": len(paths), "seconds": times, "peak_rss_mb": peak}))
 """
 
@@ -88,14 +88,15 @@ def main() -> None:
         if args.int8:
             import shutil
 
-            from leukoscope.models import load_model
-            from leukoscope.models.quantize import export_int8
+            from leukoscope.models.modeldir import resolve_model_dir
 
             copy = Path(tmp) / "model"
-            shutil.copytree(load_model(args.model, backend="torch").path, copy)
-            _, check = export_int8(load_model(copy, backend="torch"))
+            shutil.copytree(resolve_model_dir(args.model), copy)
+            # in its own process, so that this one stays small for the children it starts
+            subprocess.run([sys.executable, "-m", "leukoscope", "export", "--model", str(copy), "--int8"],
+                           capture_output=True, text=True, check=True)
             q = run("int8", str(copy), listing, args.repeats)
-            q["agreement_with_fp32"] = check
+            q["agreement_with_fp32"] = json.loads((copy / "model.int8.json").read_text())
             rows.insert(1, ("leukoscope predict --backend int8", q))
     ratio = fast["median_images_per_s"] / base["median_images_per_s"]
     print(f"{len(samples)} images, model {args.model}, median of {args.repeats} runs after start-up\n")
