@@ -270,3 +270,27 @@ def test_one_pixel_image(client):
     r = client.post("/v1/scan", files={"file": ("dot.png", buf.getvalue(), "image/png")})
     assert r.status_code == 422 and "too small to segment" in r.json()["detail"]
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_int8_network_is_served_and_named_in_answers_and_audit(served_models, cell_paths, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from leukoscope.models import load_model
+    from leukoscope.models.modeldir import SHIPPED_DIR
+    from leukoscope.serve import ServeConfig, create_app
+
+    fast = load_model(SHIPPED_DIR / "leukemia-cell", backend="int8")  # the shipped model carries its int8 network
+    app = create_app({"main": load_model(SHIPPED_DIR / "leukemia-cell"), "fast": fast},
+                     ServeConfig(audit_db=tmp_path / "audit.sqlite"))
+    with TestClient(app) as client:
+        listed = {m["name"]: m["backend"] for m in client.get("/v1/models").json()}
+        assert listed == {"main": "onnx", "fast": "onnx-int8"}
+        for path in cell_paths:
+            ref = _post(client, path).json()
+            got = _post(client, path, model="fast").json()
+            assert got["backend"] == "onnx-int8" and ref["backend"] == "onnx"
+            assert got["probabilities"] != ref["probabilities"]  # another network ...
+            for c in fast.classes:  # ... that answers close to the float32 one on these cells
+                assert abs(got["probabilities"][c] - ref["probabilities"][c]) < 0.15
+        row = app.state.leukoscope.audit.entries(limit=1)[0]
+        assert row["model"] == "fast" and row["backend"] == "onnx-int8"

@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(args.model, cfg, backend=args.backend)
     state = app.state.leukoscope
     for name, m in state.models.items():
-        print(f"leukoscope serve: model {name} ({', '.join(m.classes)}; backend {m.backend}; "
+        print(f"leukoscope serve: model {name} ({', '.join(m.classes)}; backend {m.engine}; "
               f"weights {str(m.info.get('weights_sha256', ''))[:12]})", file=sys.stderr)
     print(f"leukoscope serve: audit log {state.audit.path.resolve()}"
           + (f"; images kept in {cfg.store_images}" if cfg.store_images else "; images not kept"), file=sys.stderr)

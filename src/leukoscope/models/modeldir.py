@@ -145,6 +145,11 @@ class LoadedModel:
         return self.preprocess.size
 
     @property
+    def engine(self) -> str:
+        """What computes the predictions: ``torch``, ``onnx`` or ``onnx-int8`` (for reports and audit logs)."""
+        return f"{self.backend}-int8" if self.precision == "int8" else self.backend
+
+    @property
     def target_layer(self) -> str:
         return self.info.get("target_layer", "")
 

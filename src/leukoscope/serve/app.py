@@ -124,7 +124,7 @@ class PredictResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="calibrated probability of every class")
     model: str
     weights_sha256: str
-    backend: str = Field(description="onnx or torch")
+    backend: str = Field(description="what computed it: onnx, onnx-int8 or torch")
     filename: str = Field(description="the uploaded file's name, echoed (never used as a path)")
     sha256: str = Field(description="SHA-256 of the uploaded bytes")
     image_size: list[int] = Field(description="[width, height] in pixels")
@@ -193,7 +193,7 @@ def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
     Args:
         specs: shipped names, model directories or loaded models (default: the shipped ``leukemia-cell``); a mapping
             gives the names explicitly.
-        backend: ``auto``, ``onnx`` or ``torch`` for models loaded here.
+        backend: ``auto``, ``onnx``, ``int8`` or ``torch`` for models loaded here.
     """
     if isinstance(specs, Mapping):
         if not specs:
@@ -372,7 +372,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
         m.set_onnx_threads(cfg.onnx_threads)
         state.explain_pools[name] = ThreadPoolExecutor(1, thread_name_prefix=f"explain-{name}")
         state.model_infos[name] = {
-            "name": name, "classes": list(m.classes), "backend": m.backend, "input_size": int(m.input_size),
+            "name": name, "classes": list(m.classes), "backend": m.engine, "input_size": int(m.input_size),
             "weights_sha256": str(m.info.get("weights_sha256", "")), "default": name == state.default, "info": m.info,
             "metrics": _read_json(m.path / "metrics.json"), "card": _read_text(m.path / "MODEL_CARD.md")}
 
@@ -446,12 +446,12 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
     def audit(endpoint: str, name: str, model: LoadedModel, up: _Upload, outputs: dict, request: Request) -> int:
         client = request.client.host if cfg.log_client and request.client else None
         return state.audit.append(endpoint=endpoint, model=name, weights_sha256=str(model.info.get("weights_sha256",
-                                  "")), input_sha256=up.sha256, outputs=outputs, backend=model.backend,
+                                  "")), input_sha256=up.sha256, outputs=outputs, backend=model.engine,
                                   input_bytes=len(up.data), client=client,
                                   image=up.data if cfg.store_images else None)
 
     def base(name: str, model: LoadedModel, up: _Upload, rgb: np.ndarray) -> dict[str, Any]:
-        return {"model": name, "weights_sha256": str(model.info.get("weights_sha256", "")), "backend": model.backend,
+        return {"model": name, "weights_sha256": str(model.info.get("weights_sha256", "")), "backend": model.engine,
                 "filename": up.filename, "sha256": up.sha256, "image_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
 
     # ------------------------------------------------------------------------------------------------------------
