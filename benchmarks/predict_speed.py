@@ -30,13 +30,14 @@ from pathlib import Path
 variant, model_name, listing, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 paths = [Path(p) for p in Path(listing).read_text().split("\n") if p]
 torch.set_num_threads(2)
-if variant in ("leukoscope", "int8"):
-    model = load_model(model_name, backend="int8" if variant == "int8" else "auto")  # ONNX Runtime when installed
+if variant in ("leukoscope", "int8", "tta"):
+    model = load_model(model_name, backend="int8" if variant == "int8" else "auto",  # ONNX Runtime when installed
+                       tta=variant == "tta")
     predict_files(model, paths[:32])                    # warm-up (start-up excluded)
     times = []
     for _ in range(repeats):
         t = time.perf_counter(); preds, failed = predict_files(model, paths); times.append(time.perf_counter() - t)
-    backend = model.backend + (" int8" if variant == "int8" else "")
+    backend = model.engine
 else:  # the baseline: read, preprocess and run the model one image at a time in eager PyTorch
     model = load_model(model_name, backend="torch")
     net, pre = model.module, model.preprocess
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--int8", action="store_true", help="also time the int8 network (see the module docstring)")
+    ap.add_argument("--tta", action="store_true", help="also time `leukoscope predict --tta` (4 flips per image)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
     args = ap.parse_args()
     from leukoscope.data.datasets import load_dataset
@@ -98,6 +100,8 @@ def main() -> None:
             q = run("int8", str(copy), listing, args.repeats)
             q["agreement_with_fp32"] = json.loads((copy / "model.int8.json").read_text())
             rows.insert(1, ("leukoscope predict --backend int8", q))
+        if args.tta:
+            rows.insert(1, ("leukoscope predict --tta", run("tta", args.model, listing, args.repeats)))
     ratio = fast["median_images_per_s"] / base["median_images_per_s"]
     print(f"{len(samples)} images, model {args.model}, median of {args.repeats} runs after start-up\n")
     print("| variant | backend | images/s (median) | peak RSS MB |")
@@ -106,8 +110,11 @@ def main() -> None:
         print(f"| {name} | {r['backend']} | {r['median_images_per_s']} | {r['peak_rss_mb']} |")
     print(f"\nspeed-up: {ratio:.1f}x  (targets: >= 100 images/s, >= 5x, peak RSS <= 1536 MB)")
     result = {"leukoscope": fast, "eager": base, "speedup": ratio}
+    named = dict(rows)
+    if args.tta:
+        result["tta"] = named["leukoscope predict --tta"]
     if args.int8:
-        q = rows[1][1]
+        q = named["leukoscope predict --backend int8"]
         result["int8"], result["speedup_int8"] = q, q["median_images_per_s"] / base["median_images_per_s"]
         c = q["agreement_with_fp32"]
         print(f"int8: {result['speedup_int8']:.1f}x the eager loop; labels agree with float32 on "

@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--split-file", help="split JSON (default: the model's split.json)")
     p.add_argument("--out", help="folder for evaluation.json/.md/.html and the plots")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference backend (int8: the model's model.int8.onnx, see `leukoscope export --int8`)")
     p.set_defaults(func=main)
@@ -27,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.evaluate.run import evaluate_model
     from leukoscope.models import load_model
 
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, tta=args.tta)
     res = evaluate_model(model, args.dataset, args.split, args.out, args.root, args.split_file,
                          progress=sys.stderr.isatty())
     print(json.dumps(res, indent=1, default=float) if args.json else markdown_report(res))

@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="dotted name of the layer to explain (default: the model's)")
     p.add_argument("--out", required=True, help="folder for <stem>.overlay.png, <stem>.heatmap.npy, <stem>.json and "
                                                 "index.html")
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference for the probabilities (and the gradient-free methods' many passes); gradients "
                         "always come from PyTorch")
@@ -42,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     target = args.target_class
     if target is not None and target.lstrip("-").isdigit():
         target = int(target)
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, tta=args.tta)
     records = write_explanations(model, args.paths, args.out, method=args.method, target_class=target,
                                  layer=args.layer, html_report=not args.no_html,
                                  progress=not args.no_progress and sys.stderr.isatty())

@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="also write Grad-CAM overlays, heatmaps and JSON into DIR")
     p.add_argument("--method", default="gradcam", help="explanation method for --heatmaps")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
@@ -25,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.predict import collect_paths, predict_files, write_csv
 
     paths, problems = collect_paths(args.paths)
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, tta=args.tta)
     preds, failed = predict_files(model, paths, batch_size=args.batch_size,
                                   progress=not args.no_progress and sys.stderr.isatty())
     write_csv(preds, model.classes, args.output)

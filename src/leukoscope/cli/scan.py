@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "are partial: shown, not counted (default 0.8; 0 counts every cell)")
     p.add_argument("--no-gradcam", action="store_true", help="do not draw Grad-CAM on abnormal cells")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON and GeoJSON files")
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.set_defaults(func=main)
     return p
@@ -47,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     if args.rbc_diameter is not None:
         cfg = with_detect(cfg, rbc_diameter=args.rbc_diameter)
     paths, problems = collect_paths(args.fields)
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, tta=args.tta)
     used: set[str] = set()
     for path in paths:
         try:

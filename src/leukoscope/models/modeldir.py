@@ -134,6 +134,7 @@ class LoadedModel:
     info: dict
     backend: str = "torch"
     precision: str = "fp32"
+    tta: bool = False  # average the logits over the 4 flips of each image (see :meth:`logits`)
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _part_sessions: dict = field(default_factory=dict, repr=False)
@@ -146,8 +147,9 @@ class LoadedModel:
 
     @property
     def engine(self) -> str:
-        """What computes the predictions: ``torch``, ``onnx`` or ``onnx-int8`` (for reports and audit logs)."""
-        return f"{self.backend}-int8" if self.precision == "int8" else self.backend
+        """What computes the predictions: ``torch``, ``onnx`` or ``onnx-int8``, ``+tta`` with test-time flips (for
+        reports and audit logs)."""
+        return (f"{self.backend}-int8" if self.precision == "int8" else self.backend) + ("+tta" if self.tta else "")
 
     @property
     def target_layer(self) -> str:
@@ -189,7 +191,15 @@ class LoadedModel:
         return np.stack([self.preprocess(im) for im in images]).astype(np.float32)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw logits for a prepared float32 batch (N, 3, S, S)."""
+        """Raw logits for a prepared float32 batch (N, 3, S, S). With ``tta`` the mean of the logits of each image
+        as it is, flipped left-right, upside-down and both (a cell has no orientation): four times the work, the
+        same answer for an image and its flips."""
+        if not self.tta:
+            return self._logits(x)
+        views = np.concatenate([x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]])
+        return self._logits(np.ascontiguousarray(views)).reshape(4, len(x), -1).mean(0)
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
         if self._session is not None:
             return self._session.run(None, {"input": x})[0]
         with self._lock, torch.inference_mode():
@@ -309,7 +319,8 @@ def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
     model.backend, model.precision = "onnx", "int8"  # explanations still cut the float32 network (onnx_part)
 
 
-def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0) -> LoadedModel:
+def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0,
+               tta: bool = False) -> LoadedModel:
     """Load a model directory or a shipped model by name (default ``leukemia-cell``).
 
     Args:
@@ -317,6 +328,8 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
             ``int8`` (ONNX Runtime on the directory's ``model.int8.onnx``, see :mod:`leukoscope.models.quantize`;
             about twice as fast on CPUs with int8 instructions, predictions checked in ``model.int8.json``).
         onnx_threads: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its default).
+        tta: predict from the mean logits of each image's 4 flips (:meth:`LoadedModel.logits`; measured in
+            docs/RESULTS.md; the model card's numbers are without it).
     """
     from safetensors.torch import load_file
 
@@ -327,7 +340,8 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     module.load_state_dict(state)
     module.eval()
     model = LoadedModel(info.get("name", path.name), path, module, list(info["classes"]),
-                        Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info)
+                        Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info,
+                        tta=tta)
     if backend in ("auto", "onnx"):
         _attach_onnx(model, required=backend == "onnx", threads=onnx_threads)
     elif backend == "int8":
