@@ -177,7 +177,7 @@ def test_class_roles_are_validated() -> None:
 def test_scan_cli_end_to_end(idb1, tmp_path, monkeypatch, capsys) -> None:
     import leukoscope.models
 
-    monkeypatch.setattr(leukoscope.models, "load_model", lambda name=None, backend="auto": NucleusFraction())
+    monkeypatch.setattr(leukoscope.models, "load_model", lambda name=None, backend="auto", **_: NucleusFraction())
     missing = tmp_path / "nope.jpg"
     out = tmp_path / "out"
     rc = cli_main(["scan", str(idb1["Im086_0"].path), str(missing), "--out", str(out), "--no-gradcam"])

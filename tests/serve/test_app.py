@@ -45,7 +45,7 @@ def test_predict_equals_cli_and_python_call(client, served_models, model_dir, ce
     import leukoscope.models
 
     # The CLI's own code path (collect_paths, predict_files, write_csv) on the model already loaded, not a second copy.
-    monkeypatch.setattr(leukoscope.models, "load_model", lambda name, backend="auto": served_models["main"])
+    monkeypatch.setattr(leukoscope.models, "load_model", lambda name, backend="auto", **_: served_models["main"])
     out = tmp_path / "cli.csv"
     assert cli_main(["predict", *map(str, cell_paths), "--model", str(model_dir), "--output", str(out),
                      "--no-progress"]) == 0
