@@ -59,3 +59,22 @@ def test_int8_network_of_other_weights_is_refused(int8_dir, tmp_path):
     (other / "model.int8.json").write_text(json.dumps(rep))
     with pytest.raises(ValueError, match="other weights"):
         load_model(other, backend="int8")
+
+
+def test_int8_calibrated_on_given_images_skips_unreadable_ones(tiny_model_dir, tmp_path, caplog):
+    from leukoscope.data.datasets import load_dataset
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for s in load_dataset("all_idb2").samples[::40]:
+        shutil.copy(s.path, cal / s.path.name)
+    n_good = len(list(cal.iterdir()))
+    (cal / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "net.int8.onnx"
+    assert cli_main(["export", "--model", str(model_dir), "--int8", "--calibration", str(cal), "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "net.int8.json").read_text())
+    assert report["calibration_images"] == n_good
+    assert "broken.png" in caplog.text
+    assert out.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -1,16 +1,18 @@
 """Int8 ONNX: static quantisation calibrated on the model's own training images, checked against float32.
 
 On a CPU with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot-product) ONNX Runtime runs the int8
-network about twice as fast as the float32 one (EfficientNet-Lite0 at 224 px on this project's 2-core machine:
-447 vs 201 images/s). Predictions move a little, so the export measures that on held-out images
-(:func:`agreement`) and writes the result next to the network (``model.int8.json``); the model card's metrics
-are those of the float32 network. Used only when asked for (``--backend int8``).
+network about twice as fast as the float32 one (EfficientNet-Lite0 at 224 px on this project's 2-core machine, the
+network alone at batch 32: 447 vs 201 images/s; `leukoscope predict` end to end: benchmarks/predict_speed.py).
+Predictions move a little, so the export measures that on held-out images (:func:`agreement`) and writes the result
+next to the network (``model.int8.json``); the model card's metrics are those of the float32 network. Used only
+when asked for (``--backend int8``).
 
     leukoscope export --model leukemia-cell --int8
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,14 +65,36 @@ class _Reader:
 
 
 def prepared(model: Any, paths: list[Path], batch_size: int = 16) -> list[np.ndarray]:
+    """Prepared batches of the readable images among ``paths`` (unreadable ones are logged and skipped)."""
     from leukoscope.data.images import read_image
+    from leukoscope.errors import ImageReadError
 
-    return [model.prepare_batch([read_image(p) for p in paths[i:i + batch_size]])
-            for i in range(0, len(paths), batch_size)]
+    images = []
+    for p in paths:
+        try:
+            images.append(read_image(p))
+        except ImageReadError as exc:
+            log.warning("skipping unreadable %s: %s", p, exc.reason)
+    if not images:
+        raise ValueError(f"none of the {len(paths)} images could be read")
+    return [model.prepare_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = None) -> Path:
-    """Write the int8 network of ``model`` (a :class:`LoadedModel`) calibrated on ``calibration`` images.
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantiser logs a line per adjusted weight scale through the root logger at INFO."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = None) -> tuple[Path, int]:
+    """Write the int8 network of ``model`` (a :class:`LoadedModel`) calibrated on ``calibration`` images; returns
+    (its path, how many images were readable and used).
 
     Static quantisation in ONNX Runtime's QDQ format: weights int8 per output channel, activations uint8 with ranges
     from the calibration images (min-max). Atomic write; default ``model.int8.onnx`` in the model directory."""
@@ -85,13 +109,17 @@ def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model.module, model.input_size, Path(tmp) / "fp32.onnx")
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre))
-        reader = _Reader(prepared(model, calibration))
+        batches = prepared(model, calibration)
         tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        quantize_static(str(pre), str(tmp_out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        os.replace(tmp_out, out)
-    return out
+        try:
+            with _quiet_root_logger():
+                quant_pre_process(str(fp32), str(pre))
+                quantize_static(str(pre), str(tmp_out), _Reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            os.replace(tmp_out, out)
+        finally:
+            tmp_out.unlink(missing_ok=True)
+    return out, sum(len(b) for b in batches)
 
 
 def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 0) -> dict:
@@ -128,13 +156,13 @@ def export_int8(model: Any, n_calibration: int = 256, n_check: int = 512, calibr
     """Calibrate on ``n_calibration`` training images (or ``calibration``), write the int8 network and check it on
     up to ``n_check`` held-out validation and test images of the model's split; the check is saved next to it."""
     cal = calibration or split_images(model, "train", n_calibration)
-    path = quantize_int8(model, cal, out)
+    path, n_used = quantize_int8(model, cal, out)
     try:
         check_paths = split_images(model, "val", n_check // 2) + split_images(model, "test", n_check // 2)
         held = "validation and test images of the model's split"
     except ValueError:
         check_paths, held = cal, "the calibration images (the model has no recorded split)"
-    report = {"calibration_images": len(cal), "checked_on": held, **agreement(model, path, check_paths),
+    report = {"calibration_images": n_used, "checked_on": held, **agreement(model, path, check_paths),
               "weights_sha256": model.info.get("weights_sha256")}
     report_path = path.parent / INT8_REPORT if path.name == INT8_FILE else path.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1) + "\n")
