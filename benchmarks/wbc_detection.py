@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="classifier for blast localisation (name or model directory)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tta", action="store_true", help="with --model: classify with test-time flips (--tta)")
     p.add_argument("--sweep", action="store_true", help="with --model: also crop sizes x border modes")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -343,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         from leukoscope.models import load_model
 
-        model = load_model(args.model)
+        model = load_model(args.model, tta=args.tta)
         doc["model"] = {"name": getattr(model, "name", args.model), "classes": list(model.classes),
-                        "path": str(getattr(model, "path", ""))}
+                        "path": str(getattr(model, "path", "")), "tta": args.tta}
         doc["blast_localisation"] = blast_localisation(model, [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
         if args.sweep:
             doc["crop_sweep"] = crop_sweep(model)
