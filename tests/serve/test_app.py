@@ -294,3 +294,19 @@ def test_int8_network_is_served_and_named_in_answers_and_audit(served_models, ce
                 assert abs(got["probabilities"][c] - ref["probabilities"][c]) < 0.15
         row = app.state.leukoscope.audit.entries(limit=1)[0]
         assert row["model"] == "fast" and row["backend"] == "onnx-int8"
+
+
+def test_tta_server_names_it_and_answers_as_the_library(cell_paths, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from leukoscope.models import load_model
+    from leukoscope.models.modeldir import SHIPPED_DIR
+    from leukoscope.serve import ServeConfig, create_app
+
+    app = create_app([str(SHIPPED_DIR / "leukemia-cell")], ServeConfig(audit_db=tmp_path / "audit.sqlite"), tta=True)
+    ref = load_model(SHIPPED_DIR / "leukemia-cell", tta=True).predict_arrays([read_image(p) for p in cell_paths])
+    with TestClient(app) as client:
+        for path, p_ref in zip(cell_paths, ref, strict=True):
+            got = _post(client, path).json()
+            assert got["backend"] == "onnx+tta"
+            np.testing.assert_allclose([got["probabilities"][c] for c in ("healthy", "leukemic")], p_ref, atol=1e-5)

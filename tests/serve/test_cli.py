@@ -22,7 +22,7 @@ def test_serve_builds_the_app_and_runs_uvicorn(host, warns, served_models, model
 
     import leukoscope.serve.app as serve_app
 
-    monkeypatch.setattr(serve_app, "load_model", lambda spec, backend="auto": served_models["main"])
+    monkeypatch.setattr(serve_app, "load_model", lambda spec, backend="auto", **_: served_models["main"])
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: ran.update(app=app, host=host, port=port))
     rc = main(["serve", "--model", str(model_dir), "--host", host, "--port", "8123", "--audit-db",

@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="largest image accepted, width x height (default 25,000,000)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference backend (auto: ONNX Runtime when installed)")
+    p.add_argument("--tta", action="store_true",
+                   help="predict from the mean logits of each image's 4 flips (4x the work; answers say +tta)")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch threads (Grad-CAM); default: PyTorch's choice")
     p.add_argument("--onnx-threads", type=int, default=1,
@@ -66,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = ServeConfig(audit_db=args.audit_db, store_images=args.store_images, log_client=args.log_client,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                       onnx_threads=args.onnx_threads)
-    app = create_app(args.model, cfg, backend=args.backend)
+    app = create_app(args.model, cfg, backend=args.backend, tta=args.tta)
     state = app.state.leukoscope
     for name, m in state.models.items():
         print(f"leukoscope serve: model {name} ({', '.join(m.classes)}; backend {m.engine}; "

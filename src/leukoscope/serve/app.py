@@ -187,13 +187,14 @@ class Health(BaseModel):
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedModel] | None,
-                backend: str = "auto") -> dict[str, LoadedModel]:
+                backend: str = "auto", tta: bool = False) -> dict[str, LoadedModel]:
     """Models by the name clients select them with; the first is the default.
 
     Args:
         specs: shipped names, model directories or loaded models (default: the shipped ``leukemia-cell``); a mapping
             gives the names explicitly.
         backend: ``auto``, ``onnx``, ``int8`` or ``torch`` for models loaded here.
+        tta: models loaded here predict with test-time flips (``LoadedModel.tta``).
     """
     if isinstance(specs, Mapping):
         if not specs:
@@ -204,7 +205,7 @@ def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
         if isinstance(spec, LoadedModel):
             model, name = spec, spec.name
         else:
-            model = load_model(spec, backend=backend)
+            model = load_model(spec, backend=backend, tta=tta)
             shipped = spec is None or not Path(str(spec)).expanduser().is_dir()
             name = str(spec or resolve_model_dir(None).name) if shipped else (model.name or model.path.name)
         if name in out:
@@ -359,14 +360,14 @@ class _Upload:
 
 
 def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedModel] | None = None,
-               config: ServeConfig | None = None, backend: str = "auto") -> FastAPI:
+               config: ServeConfig | None = None, backend: str = "auto", tta: bool = False) -> FastAPI:
     """The FastAPI app serving ``models`` (see :func:`load_models`; the first is the default).
 
     ONNX Runtime sessions of the models are re-opened for serving (``LoadedModel.set_onnx_threads`` with
     ``config.onnx_threads``).
     """
     cfg = config or ServeConfig()
-    loaded = load_models(models, backend)
+    loaded = load_models(models, backend, tta)
     state = _State(loaded, cfg, AuditLog(cfg.audit_db, cfg.store_images))
     for name, m in loaded.items():
         m.set_onnx_threads(cfg.onnx_threads)
