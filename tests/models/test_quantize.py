@@ -29,6 +29,8 @@ def test_int8_export_writes_network_and_its_check(int8_dir):
     assert report["checked_on"].startswith("validation and test")
     assert report["n_images"] == min(held, 512)
     assert report["weights_sha256"] == model.info["weights_sha256"]
+    assert report["temperature_float32"] == model.temperature and 0.05 <= report["temperature"] <= 20
+    assert load_model(int8_dir, backend="int8").temperature == report["temperature"]  # the int8 network's own
     assert 0 <= report["mean_abs_prob_diff"] <= report["max_abs_prob_diff"] <= 1
     noise = report["float32_under_1_grey_level_noise"]  # the scale the int8 difference is read against
     assert 0 < noise["mean_abs_prob_diff"] <= noise["max_abs_prob_diff"] <= 1 and 0 <= noise["label_agreement"] <= 1

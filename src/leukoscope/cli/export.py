@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
             if problems or not cal:
                 raise ValueError(f"calibration images not found: {problems or args.calibration}")
         out, rep = export_int8(model, n_calibration=args.n_calibration, calibration=cal, out=args.out)
-        print(f"wrote {out} (calibrated on {rep['calibration_images']} images); against float32 on "
+        temp = f", temperature {rep['temperature']:.3f}" if rep.get("temperature") else ""
+        print(f"wrote {out} (calibrated on {rep['calibration_images']} images{temp}); against float32 on "
               f"{rep['n_images']} {rep['checked_on']}: labels agree {rep['label_agreement']:.4f}, "
               f"probabilities differ by {rep['mean_abs_prob_diff']:.4f} on average, {rep['max_abs_prob_diff']:.4f} "
               "at most; for scale, float32 on the same images plus noise of one grey level: labels agree "

@@ -305,10 +305,13 @@ def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
                                 f"`leukoscope export --model {model.path} --int8`")
     report = path.with_name(INT8_REPORT)
     if report.exists():
-        made_for = json.loads(report.read_text()).get("weights_sha256")
+        check = json.loads(report.read_text())
+        made_for = check.get("weights_sha256")
         if made_for and made_for != model.info.get("weights_sha256"):
             raise ValueError(f"{path} was made from other weights ({made_for[:16]}) than {model.name!r} "
                              f"({str(model.info.get('weights_sha256'))[:16]}); export it again")
+        if check.get("temperature"):  # fitted for the int8 network on the validation images
+            model.temperature = float(check["temperature"])
     try:
         import onnxruntime  # noqa: F401  (installed?)
     except ImportError:

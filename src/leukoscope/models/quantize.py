@@ -122,9 +122,38 @@ def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = 
     return out, sum(len(b) for b in batches)
 
 
-def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 0) -> dict:
-    """How the int8 network's calibrated probabilities compare with the float32 network's on ``paths``: share of
-    equal labels, largest and mean absolute difference of the probabilities. For scale, the same comparison of the
+def int8_temperature(model: Any, int8_path: str | Path) -> float | None:
+    """Temperature of the int8 network fitted on the validation images of the model's split (as training fits the
+    float32 one), so that its confidences are calibrated too; None when the model has no recorded split."""
+    from leukoscope.data.images import read_image
+    from leukoscope.errors import ImageReadError
+    from leukoscope.evaluate.run import select
+    from leukoscope.models.modeldir import onnx_session
+    from leukoscope.train.trainer import fit_temperature
+
+    datasets = model.info.get("datasets") or []
+    if not datasets or not (model.path / "split.json").exists():
+        return None
+    session = onnx_session(int8_path)
+    logits, y, batch = [], [], []
+    samples = [s for name in datasets for s in select(model, name, "val").samples]
+    for i, s in enumerate(samples):
+        try:
+            batch.append(read_image(s.path))
+            y.append(model.classes.index(s.label))
+        except ImageReadError as exc:
+            log.warning("skipping unreadable %s: %s", s.path, exc.reason)
+        if batch and (len(batch) == 32 or i == len(samples) - 1):
+            logits.append(session.run(None, {"input": model.prepare_batch(batch)})[0])
+            batch = []
+    return fit_temperature(np.concatenate(logits), np.array(y)) if y else None
+
+
+def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 0,
+              int8_temp: float | None = None) -> dict:
+    """How the int8 network's calibrated probabilities (temperature ``int8_temp``, default the float32 one) compare
+    with the float32 network's on ``paths``: share of equal labels, largest and mean absolute difference of the
+    probabilities. For scale, the same comparison of the
     float32 network with itself on the images plus Gaussian noise of one grey level (sd 1/255 per channel), a
     difference no one would see in the image."""
     from leukoscope.models.export import export_onnx
@@ -138,7 +167,7 @@ def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 
     p32, p8, pn = [], [], []
     for x in prepared(model, paths, 32):
         p32.append(softmax(fp32.run(None, {"input": x})[0] / model.temperature))
-        p8.append(softmax(q.run(None, {"input": x})[0] / model.temperature))
+        p8.append(softmax(q.run(None, {"input": x})[0] / (int8_temp or model.temperature)))
         noisy = (x + rng.normal(size=x.shape).astype(np.float32) * sd).astype(np.float32)
         pn.append(softmax(fp32.run(None, {"input": noisy})[0] / model.temperature))
     a, b, c = np.concatenate(p32), np.concatenate(p8), np.concatenate(pn)
@@ -153,8 +182,9 @@ def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 
 
 def export_int8(model: Any, n_calibration: int = 256, n_check: int = 512, calibration: list[Path] | None = None,
                 out: str | Path | None = None) -> tuple[Path, dict]:
-    """Calibrate on ``n_calibration`` training images (or ``calibration``), write the int8 network and check it on
-    up to ``n_check`` held-out validation and test images of the model's split; the check is saved next to it."""
+    """Calibrate on ``n_calibration`` training images (or ``calibration``), write the int8 network, fit its
+    temperature on the validation images and check it on up to ``n_check`` held-out validation and test images of
+    the model's split; temperature and check are saved next to it (``model.int8.json``)."""
     cal = calibration or split_images(model, "train", n_calibration)
     path, n_used = quantize_int8(model, cal, out)
     try:
@@ -162,7 +192,9 @@ def export_int8(model: Any, n_calibration: int = 256, n_check: int = 512, calibr
         held = "validation and test images of the model's split"
     except ValueError:
         check_paths, held = cal, "the calibration images (the model has no recorded split)"
-    report = {"calibration_images": n_used, "checked_on": held, **agreement(model, path, check_paths),
+    temp = int8_temperature(model, path)
+    report = {"calibration_images": n_used, "temperature": temp, "temperature_float32": model.temperature,
+              "checked_on": held, **agreement(model, path, check_paths, int8_temp=temp),
               "weights_sha256": model.info.get("weights_sha256")}
     report_path = path.parent / INT8_REPORT if path.name == INT8_FILE else path.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1) + "\n")
