@@ -92,6 +92,15 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def float32_onnx(model: Any) -> Path:
+    """The float32 ONNX file of ``model`` that ``backend="onnx"`` uses (:func:`onnx_path_for`), exported if missing."""
+    from leukoscope.models.export import export_onnx
+    from leukoscope.models.modeldir import onnx_path_for
+
+    path = onnx_path_for(model)
+    return path if path.exists() else export_onnx(model.module, model.input_size, path)
+
+
 def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = None) -> tuple[Path, int]:
     """Write the int8 network of ``model`` (a :class:`LoadedModel`) calibrated on ``calibration`` images; returns
     (its path, how many images were readable and used).
@@ -101,13 +110,11 @@ def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from leukoscope.models.export import export_onnx
-
     if not calibration:
         raise ValueError("int8 calibration needs at least one image")
     out = Path(out) if out else model.path / INT8_FILE
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(model.module, model.input_size, Path(tmp) / "fp32.onnx")
+        fp32 = float32_onnx(model)
         pre = Path(tmp) / "pre.onnx"
         batches = prepared(model, calibration)
         tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -125,28 +132,19 @@ def quantize_int8(model: Any, calibration: list[Path], out: str | Path | None = 
 def int8_temperature(model: Any, int8_path: str | Path) -> float | None:
     """Temperature of the int8 network fitted on the validation images of the model's split (as training fits the
     float32 one), so that its confidences are calibrated too; None when the model has no recorded split."""
-    from leukoscope.data.images import read_image
-    from leukoscope.errors import ImageReadError
-    from leukoscope.evaluate.run import select
+    import dataclasses
+
+    from leukoscope.evaluate.run import model_logits, select
     from leukoscope.models.modeldir import onnx_session
     from leukoscope.train.trainer import fit_temperature
 
     datasets = model.info.get("datasets") or []
     if not datasets or not (model.path / "split.json").exists():
         return None
-    session = onnx_session(int8_path)
-    logits, y, batch = [], [], []
-    samples = [s for name in datasets for s in select(model, name, "val").samples]
-    for i, s in enumerate(samples):
-        try:
-            batch.append(read_image(s.path))
-            y.append(model.classes.index(s.label))
-        except ImageReadError as exc:
-            log.warning("skipping unreadable %s: %s", s.path, exc.reason)
-        if batch and (len(batch) == 32 or i == len(samples) - 1):
-            logits.append(session.run(None, {"input": model.prepare_batch(batch)})[0])
-            batch = []
-    return fit_temperature(np.concatenate(logits), np.array(y)) if y else None
+    int8 = dataclasses.replace(model, _session=onnx_session(int8_path), backend="onnx", precision="int8", tta=False)
+    parts = [model_logits(int8, select(model, name, "val")) for name in datasets]
+    y = np.concatenate([p[1] for p in parts])
+    return fit_temperature(np.concatenate([p[0] for p in parts]), y) if len(y) else None
 
 
 def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 0,
@@ -156,12 +154,9 @@ def agreement(model: Any, int8_path: str | Path, paths: list[Path], seed: int = 
     probabilities. For scale, the same comparison of the
     float32 network with itself on the images plus Gaussian noise of one grey level (sd 1/255 per channel), a
     difference no one would see in the image."""
-    from leukoscope.models.export import export_onnx
     from leukoscope.models.modeldir import onnx_session, softmax
 
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = onnx_session(export_onnx(model.module, model.input_size, Path(tmp) / "fp32.onnx"))
-    q = onnx_session(int8_path)
+    fp32, q = onnx_session(float32_onnx(model)), onnx_session(int8_path)
     rng = np.random.default_rng(seed)
     sd = (1 / 255 / np.asarray(model.preprocess.std, np.float32))[None, :, None, None]
     p32, p8, pn = [], [], []

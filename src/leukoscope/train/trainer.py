@@ -176,18 +176,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine"
              else None)
     counts = np.bincount(data["train"][1].numpy(), minlength=len(ds.classes)).astype(float)
+    class_w = (torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+               if cfg.balance == "weights" else None)
     weights = None
-    if cfg.balance == "weights":
-        weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32,
-                               device=device)
-        if subclasses:  # a subclass weighs what its class weighs: the classes stay balanced as without subclasses
-            weights = weights[torch.as_tensor(sub_groups, device=device)]
+    if class_w is not None:
+        # a subclass weighs what its class weighs: the classes stay balanced as without subclasses
+        weights = (class_w[torch.as_tensor(sub_groups)] if subclasses else class_w).to(device)
     # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
     # source, so no source can teach "this source means that class"
     sample_w = None
     if cfg.balance == "source" or cfg.source_weights:
-        class_w = (torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
-                   if cfg.balance == "weights" else None)
         # the validation loss is unweighted by class except under 'source' (as without source weights)
         sample_w = {name: sample_weights(data[name][1].numpy(), data[name][2], len(ds.classes), cfg.balance,
                                          class_w if name == "train" else None, cfg.source_weights).to(device)
