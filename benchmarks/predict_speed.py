@@ -3,6 +3,7 @@ PyTorch loop over the same images, in one run.
 
     .venv/bin/python benchmarks/predict_speed.py [--model leukemia-cell] [--n 500] [--repeats 3] [--int8]
 
+--network adds the float32 network alone on images read and prepared beforehand (the ceiling of the default).
 --int8 adds a third row: `leukoscope predict --backend int8` on the model's int8 network (made here in a temporary
 copy of the model directory by `leukoscope export --int8`, which also reports how often its labels agree with the
 float32 network's on held-out images).
@@ -38,6 +39,17 @@ if variant in ("leukoscope", "int8", "tta"):
     for _ in range(repeats):
         t = time.perf_counter(); preds, failed = predict_files(model, paths); times.append(time.perf_counter() - t)
     backend = model.engine
+elif variant == "network":  # the float32 network alone on images read and prepared beforehand: the ceiling
+    model = load_model(model_name, backend="auto")
+    x = model.prepare_batch([read_image(p) for p in paths])
+    model.logits(x[:32])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(0, len(x), 32):
+            model.logits(x[i:i + 32])
+        times.append(time.perf_counter() - t)
+    backend = model.engine + ", network only"
 else:  # the baseline: read, preprocess and run the model one image at a time in eager PyTorch
     model = load_model(model_name, backend="torch")
     net, pre = model.module, model.preprocess
@@ -74,6 +86,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--int8", action="store_true", help="also time the int8 network (see the module docstring)")
     ap.add_argument("--tta", action="store_true", help="also time `leukoscope predict --tta` (4 flips per image)")
+    ap.add_argument("--network", action="store_true",
+                    help="also time the float32 network alone on images decoded and prepared beforehand (batches of "
+                         "32): what `leukoscope predict` could reach if reading the files cost nothing")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
     args = ap.parse_args()
     from leukoscope.data.datasets import load_dataset
@@ -102,6 +117,8 @@ def main() -> None:
             rows.insert(1, ("leukoscope predict --backend int8", q))
         if args.tta:
             rows.insert(1, ("leukoscope predict --tta", run("tta", args.model, listing, args.repeats)))
+        if args.network:
+            rows.insert(1, ("float32 network alone (no reading)", run("network", args.model, listing, args.repeats)))
     ratio = fast["median_images_per_s"] / base["median_images_per_s"]
     print(f"{len(samples)} images, model {args.model}, median of {args.repeats} runs after start-up\n")
     print("| variant | backend | images/s (median) | peak RSS MB |")
@@ -113,6 +130,11 @@ def main() -> None:
     named = dict(rows)
     if args.tta:
         result["tta"] = named["leukoscope predict --tta"]
+    if args.network:
+        n = result["network_only"] = named["float32 network alone (no reading)"]
+        result["speedup_network_only"] = n["median_images_per_s"] / base["median_images_per_s"]
+        print(f"float32 network alone: {result['speedup_network_only']:.1f}x the eager loop (the ceiling of the "
+              f"float32 default on this machine)")
     if args.int8:
         q = named["leukoscope predict --backend int8"]
         result["int8"], result["speedup_int8"] = q, q["median_images_per_s"] / base["median_images_per_s"]

@@ -47,6 +47,8 @@ class TrainConfig:
     balance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | source (classes balanced
     #                            within each source dataset) | none
     source_weights: dict = field(default_factory=dict)  # source dataset -> loss weight of its images (default 1)
+    cam_mask: float = 0.0  # weight of the loss on the share of each class map outside the cell, for images of one
+    #                        cell on a black background (leukoscope.train.cam_mask); 0: off
     schedule: str = "cosine"  # cosine | none
     label_smoothing: float = 0.0
     seed: int = 0

@@ -221,6 +221,10 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
            + ", ".join(f"`{c}`" for c in info["spec"]["subclasses"])
            + "); it answers with the classes, each class's probability being the sum of its subclasses'."]
           if info["spec"].get("subclasses") else []),
+        *([f"- Loss on the activation maps (`cam_mask: {cfg.cam_mask}`): on training images of one cell on a black "
+           "background, the share of the abnormal classes' maps outside the cell is added to the loss, so that the "
+           "heatmaps of abnormal calls lie on the cell (`leukoscope.train.cam_mask`)."]
+          if getattr(cfg, "cam_mask", 0) else []),
         "", "## Data seen",
         f"Datasets: {', '.join(cfg.datasets)}. Groups: {ds.group_by}.",
         f"Split (stratified by class, grouped; seed {split.seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items())

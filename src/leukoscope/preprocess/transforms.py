@@ -101,9 +101,18 @@ class Augment:
     hue: float = 0.03
     stain_jitter: float = 0.03
     extra: dict = field(default_factory=dict)
+    background: float = 0.0  # probability of replacing a black surround with a smear-like one (preprocess/background)
 
-    def __call__(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, rgb: np.ndarray, rng: np.random.Generator, keep_background: bool = False) -> np.ndarray:
+        """An augmented copy of ``rgb``. ``keep_background`` makes the same view (same draws) without replacing a
+        black surround, e.g. to find the cell in it."""
         img = rgb
+        if self.background:  # no draw at 0: the views stay as they were before this option
+            replace, seed = rng.random() < self.background, int(rng.integers(2**31))
+            if replace and not keep_background:
+                from leukoscope.preprocess.background import replace_background
+
+                img = replace_background(img, np.random.default_rng(seed))
         if self.stain_jitter > 0:
             img = hed_jitter(img, rng, self.stain_jitter)
         h, w = img.shape[:2]

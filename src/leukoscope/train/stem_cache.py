@@ -40,6 +40,16 @@ def _view_seed(path: Path, view: int, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{path.name}|{view}|{seed}".encode()).digest()[:4], "little")
 
 
+def view_image(prepared: np.ndarray, path: Path, view: int, augment: Augment, seed: int,
+               keep_background: bool = False) -> np.ndarray:
+    """View ``view`` of a prepared image as the cache holds it: 0 is the image itself, the others are augmented with
+    a generator seeded by the file name, the view and the seed (the same view every run); ``keep_background``: the
+    same view with a black surround left black."""
+    if view == 0:
+        return prepared
+    return augment(prepared, np.random.default_rng(_view_seed(path, view, seed)), keep_background=keep_background)
+
+
 class StemCache:
     """Stem outputs (float16) keyed by file, size, mtime and view; view 0 is the un-augmented image."""
 
@@ -96,10 +106,7 @@ class StemCache:
                 failed[i] = exc.reason
                 log.warning("skipping %s", exc)
                 continue
-            img = current[1]
-            if v > 0:
-                img = augment(img, np.random.default_rng(_view_seed(s.path, v, seed)))
-            batch.append(preprocess.normalize(img))
+            batch.append(preprocess.normalize(view_image(current[1], s.path, v, augment, seed)))
             keys.append(_sample_key(s.path, v))
             if len(batch) >= batch_size:
                 flush()

@@ -29,6 +29,7 @@ from leukoscope.models.backbones import mean_std
 from leukoscope.models.modeldir import build_network, save_model_dir
 from leukoscope.preprocess.stain import fit_stain
 from leukoscope.preprocess.transforms import Augment, Preprocess
+from leukoscope.train.cam_mask import class_maps, outside_share, view_masks
 from leukoscope.train.stem_cache import StemCache, cache_root, stem_key
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,14 @@ class _Trainable(nn.Module):
         self.parts = nn.ModuleList(net.trainable_modules())
         self.net = [net]  # not a submodule: the frozen stem stays out of DDP's parameter set
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, with_maps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits from stem features; with ``with_maps`` also every class's activation map (B, C, H, W) (a CNN with
+        a linear head only; see :mod:`leukoscope.train.cam_mask`)."""
         net = self.net[0]
-        return net.head(net.top(f))
+        if not with_maps:
+            return net.head(net.top(f))
+        a = net._top(f)
+        return net.head(net.pool(a)), class_maps(a, net.head[-1].weight)
 
 
 @dataclasses.dataclass
@@ -161,6 +167,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         data = {name: _load_images(part, pre, failures) for name, part in
                 (("train", train_ds), ("val", val_ds), ("test", test_ds))}
 
+    masks = None
+    if cfg.cam_mask:
+        masks = _cam_masks(cfg, net, trainable, data["train"], pre, aug, progress, ds.classes)
+
     # ---- optimiser ---------------------------------------------------------------------------------------------
     net.to(device)
     head_params = list(net.head.parameters())
@@ -232,7 +242,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             order = rng.permutation(n_train)
         order = order[rank::world]  # each rank its own share (DistributedSampler's rule, in a seeded order)
         model.train()
-        tot, n = 0.0, 0
+        tot, n, cam_tot, cam_n = 0.0, 0, 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             if cfg.cache_stem:
@@ -243,7 +253,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 xb = net.stem(xb.to(device))
             yb = y_fit[idx].to(device)
             with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
-                loss = loss_fn(model(xb.to(device)), yb, None if sample_w is None else sample_w["train"][idx])
+                wb = None if sample_w is None else sample_w["train"][idx]
+                if masks is None:
+                    loss = loss_fn(model(xb.to(device)), yb, wb)
+                else:
+                    logits, cams = model(xb.to(device), with_maps=True)
+                    loss = loss_fn(logits, yb, wb)
+                    sel = masks[1][idx]
+                    if sel.any():
+                        share = outside_share(cams[sel.to(device)][:, masks[2]].float(),
+                                              masks[0][idx, views][sel].to(device))
+                        loss = loss + cfg.cam_mask * share
+                        cam_tot += share.item() * int(sel.sum())
+                        cam_n += int(sel.sum())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -259,6 +281,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         val_acc = float((val_logits.argmax(1) == data["val"][1].numpy()).mean())
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
                         "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+        if masks is not None:  # mean share of the abnormal maps outside the cell, images with a mask
+            history[-1]["cam_outside"] = cam_tot / cam_n if cam_n else float("nan")
         improved = val_loss < best_loss - 1e-4
         best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
         if rank == 0:
@@ -314,6 +338,31 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
         write_card(out, cfg, ds, split, info, metrics)
     return FitResult(out, metrics, history)
+
+
+def _cam_masks(cfg: TrainConfig, net: nn.Module, trainable: _Trainable, train: tuple, pre: Preprocess,
+               aug: Augment, progress: bool, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(masks (N, V, g, g), has-a-mask (N,), the abnormal classes' indices) of the training images for ``cam_mask``,
+    g the last feature map's side. Only the abnormal classes' maps are constrained: a healthy cell is the absence of
+    abnormal evidence, and a constrained healthy map simply vanishes (measured: all-zero maps on healthy C-NMC
+    cells), since a class of a softmax can lose all its positive evidence without changing a prediction."""
+    from leukoscope.scan import NORMAL_CLASS_NAMES
+
+    abnormal = [i for i, c in enumerate(classes) if c.lower() not in NORMAL_CLASS_NAMES]
+    feats, _, samples = train
+    if not cfg.cache_stem or cfg.model != "cnn" or cfg.subclasses or not isinstance(net.head[-1], nn.Linear):
+        raise ValueError("cam_mask needs a CNN with cached stem features and no subclasses")
+    if not abnormal or len(abnormal) == len(classes):
+        raise ValueError(f"cam_mask needs normal and abnormal classes (normal: {list(NORMAL_CLASS_NAMES)}); "
+                         f"the model's classes are {classes}")
+    trainable.eval()  # batch norm must not learn from this one-image pass
+    with torch.no_grad():
+        grid = trainable(feats[:1, 0].float(), with_maps=True)[1].shape[-1]
+    masks, has = view_masks(samples, feats.shape[1], pre, aug, cfg.seed, grid, progress)
+    log.info("cam_mask: %d of %d training images are cells on black with a mask", int(has.sum()), len(samples))
+    if not has.any():
+        raise ValueError("cam_mask: no training image is a cell on a black background (nothing to learn from)")
+    return masks, has, abnormal
 
 
 def _compute_all(cache: StemCache, net: nn.Module, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset,

@@ -1,0 +1,51 @@
+"""Cells on a black background (C-NMC 2019): the cell's mask, and a random smear-like background in place of black.
+
+A model trained on such images can learn from the black surround (how much of it there is, its edge against the
+cell) instead of the cell; ``Augment(background=p)`` replaces the black surround of a training view with a random
+light, smooth background with probability ``p``, so that the surround stops carrying the class.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+DARK = 30  # grey level: pixels whose brightest channel is below this are background
+
+
+def foreground_mask(rgb: np.ndarray, dark: int = DARK, border_share: float = 0.95) -> np.ndarray | None:
+    """The cell of an image showing one segmented cell on a black background, as a bool mask (holes filled, the
+    largest bright component); None when the image is not one (its border is not almost all black)."""
+    bright = rgb.max(axis=2) >= dark
+    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
+    if (~border).mean() < border_share or not bright.any():
+        return None
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return None
+    keep = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    # fill holes: flood the background from a corner (black there: the border is black), the rest is the cell
+    flood = keep.copy()
+    cv2.floodFill(flood, np.zeros((flood.shape[0] + 2, flood.shape[1] + 2), np.uint8), (0, 0), 1)
+    return (keep | (1 - flood)).astype(bool)
+
+
+def smear_background(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A light, smooth random background (uint8 RGB): a pink-to-lavender base colour (like the plasma-free glass of a
+    stained smear), slow variation across the field and a little pixel noise."""
+    h, w = shape
+    base = rng.uniform((195, 165, 185), (245, 225, 240))
+    slow = cv2.resize(rng.normal(0, 8, (4, 4, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    img = base[None, None, :] + slow + rng.normal(0, 3, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def replace_background(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rgb`` with its black surround replaced by :func:`smear_background`; unchanged when it has none."""
+    mask = foreground_mask(rgb)
+    if mask is None:
+        return rgb
+    bg = smear_background(rgb.shape[:2], rng)
+    # a soft edge of 1-2 px, so that the cell's outline is not a hard cut-out edge
+    alpha = cv2.GaussianBlur(mask.astype(np.float32), (5, 5), 1.0)[..., None]
+    return (alpha * rgb + (1 - alpha) * bg).round().astype(np.uint8)
