@@ -139,9 +139,9 @@ def main() -> None:
     if args.kfold_only:
         if not args.idb2_kfold:
             ap.error("--kfold-only needs --idb2-kfold K")
-        kf = idb2_kfold(args.idb2_kfold, args.config, overrides, args.kfold_val)
-        out = {"all_idb2_kfold": {**kf, "config": str(args.config), "overrides": overrides}}
-        kf = out["all_idb2_kfold"]
+        kf = {**idb2_kfold(args.idb2_kfold, args.config, overrides, args.kfold_val), "config": str(args.config),
+              "overrides": overrides}
+        out = {"all_idb2_kfold": kf}
         print(f"ALL-IDB2 source-field {args.idb2_kfold}-fold accuracy: pooled {kf['accuracy_pooled']:.4f} "
               f"(flip TTA {kf['accuracy_tta_flips_pooled']:.4f})")
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
@@ -160,10 +160,8 @@ def main() -> None:
     print(f"\nall-subtype read as Benign vs rest on its aria test groups ({b['n']} images, {b['n_benign']} Benign): "
           f"sensitivity {b['sensitivity']:.3f}, specificity {b['specificity']:.3f}, AUC {b['auc']:.4f}")
     if args.idb2_kfold:
-        out["all_idb2_kfold"] = idb2_kfold(args.idb2_kfold, args.config, overrides, args.kfold_val)
-        out["all_idb2_kfold"]["config"] = str(args.config)
-        out["all_idb2_kfold"]["overrides"] = overrides
-        kf = out["all_idb2_kfold"]
+        kf = out["all_idb2_kfold"] = {**idb2_kfold(args.idb2_kfold, args.config, overrides, args.kfold_val),
+                                      "config": str(args.config), "overrides": overrides}
         print(f"\nALL-IDB2 source-field {args.idb2_kfold}-fold accuracy: pooled {kf['accuracy_pooled']:.4f} "
               f"(mean {kf['accuracy_mean']:.4f} +- {kf['accuracy_std']:.4f}); target >= 0.98")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

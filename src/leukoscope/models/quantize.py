@@ -2,7 +2,8 @@
 
 On a CPU with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot-product) ONNX Runtime runs the int8
 network about twice as fast as the float32 one (EfficientNet-Lite0 at 224 px on this project's 2-core machine, the
-network alone at batch 32: 447 vs 201 images/s; `leukoscope predict` end to end: benchmarks/predict_speed.py).
+network alone at batch 32, random inputs, measured 2026-11-26: 479 vs 208 images/s; `leukoscope predict` end to
+end: benchmarks/predict_speed.py).
 Predictions move a little, so the export measures that on held-out images (:func:`agreement`) and writes the result
 next to the network (``model.int8.json``); the model card's metrics are those of the float32 network. Used only
 when asked for (``--backend int8``).

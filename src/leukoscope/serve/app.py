@@ -124,7 +124,7 @@ class PredictResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="calibrated probability of every class")
     model: str
     weights_sha256: str
-    backend: str = Field(description="what computed it: onnx, onnx-int8 or torch")
+    backend: str = Field(description="what computed it: onnx, onnx-int8 or torch; +tta with test-time flips")
     filename: str = Field(description="the uploaded file's name, echoed (never used as a path)")
     sha256: str = Field(description="SHA-256 of the uploaded bytes")
     image_size: list[int] = Field(description="[width, height] in pixels")
