@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ def cache_root(cache_dir: str = "") -> Path:
 
 
 def stem_key(spec: dict, weights_source: str, preprocess: Preprocess, augment: Augment, seed: int) -> str:
+    aug = repr(augment) + (" cutout_fill" if augment.cutout_fill else "")
     doc = json.dumps([spec.get("backbone"), spec.get("trainable_stages"), weights_source,
-                      preprocess.to_dict(), repr(augment), seed], sort_keys=True, default=str)
+                      preprocess.to_dict(), aug, seed], sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -63,7 +65,9 @@ class StemCache:
     def save(self) -> None:
         if self._dirty:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            # A name of its own: two runs sharing the cache (e.g. benchmarks side by side) must not move each
+            # other's half-written file. The last one to finish wins; the other's new entries are computed again.
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             torch.save(self.data, str(tmp))
             os.replace(tmp, self.path)  # atomic: an interrupted run never leaves a broken cache
             self._dirty = False
