@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         prepared = model.preprocess.prepare(rgb)
         score = model_score_fn(model, k)
         rnd = random_map(size, seed=i)
-        rnd_full = cv2.resize(rnd, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        rnd_full = model.preprocess.to_image(rnd, rgb)  # zero outside a crop (Preprocess.crop), like the methods' maps
         base = deletion_insertion(score, prepared, rnd, steps=args.steps, seed=i)
         per["random"]["mass"].append(mass_in(rnd_full, mask))
         per["random"]["peak"].append(peak_in(rnd_full, mask))
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
             per[m]["sec"].append(time.perf_counter() - t)
             per[m]["mass"].append(mass_in(heat, mask))
             per[m]["peak"].append(peak_in(heat, mask))
-            small = cv2.resize(heat, (size, size), interpolation=cv2.INTER_AREA)
+            small = model.preprocess.to_input(heat, rgb)  # over the image the model sees
             f = deletion_insertion(score, prepared, small, steps=args.steps, seed=i)
             per[m]["del"].append(f["deletion"])
             per[m]["ins"].append(f["insertion"])

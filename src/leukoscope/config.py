@@ -34,6 +34,8 @@ class TrainConfig:
     aug_views: int = 4  # augmented views per training image in the cache
     denoise: str = "none"  # none | median | bilateral | nlm
     stain: str = "none"  # none | reinhard | macenko
+    crop: str = "none"  # none | cutout: a cell cut out onto black is cropped to the square around it
+    #                     (preprocess.transforms.Preprocess.crop); cutout also sets augment cutout_fill
     stain_reference: str = ""  # image the stain normaliser is fitted on (default: the first training image)
     augment: dict = field(default_factory=dict)  # overrides of leukoscope.preprocess.transforms.Augment
     optimizer: str = "adam"  # adam | adamw

@@ -170,9 +170,8 @@ def _heatmap(model: LoadedModel, rgb: np.ndarray, k: int | None, method: str, la
         layer_name = ""
         fast = model.logits if model.backend == "onnx" else None
         small = explain_tensor(model.module, torch.from_numpy(x), k, method, lock=model._lock, logits_fn=fast)
-    h, w = rgb.shape[:2]
-    # Preprocess squashes the whole image to S x S, so resizing back is the exact inverse of its geometry.
-    heat = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) if small.shape != (h, w) else small
+    # Preprocess squashes the whole image (or its crop) to S x S: to_image is the exact inverse of its geometry.
+    heat = model.preprocess.to_image(small, rgb)
     return np.clip(heat, 0.0, 1.0).astype(np.float32), layer_name
 
 

@@ -30,6 +30,28 @@ def foreground_mask(rgb: np.ndarray, dark: int = DARK, border_share: float = 0.9
     return (keep | (1 - flood)).astype(bool)
 
 
+CUTOUT_MARGIN = 0.02  # share of the cell's size left around it on each side by cutout_frame
+
+
+def cutout_frame(rgb: np.ndarray) -> tuple[int, int, int] | None:
+    """The square ``(y0, x0, side)`` around the cell of an image of one cell cut out onto black (its bounding box's
+    longer side plus ``CUTOUT_MARGIN`` on each side, centred on the box; it may reach past the image); None for any
+    other image."""
+    mask = foreground_mask(rgb)
+    if mask is None:
+        return None
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    side = int(round(max(ys[-1] - ys[0] + 1, xs[-1] - xs[0] + 1) * (1 + 2 * CUTOUT_MARGIN)))
+    return (int(round((ys[0] + ys[-1] + 1 - side) / 2)), int(round((xs[0] + xs[-1] + 1 - side) / 2)), side)
+
+
+def is_cutout_view(rgb: np.ndarray, dark: int = DARK, share: float = 0.5) -> bool:
+    """Whether a (prepared, maybe cropped) image shows a cell on black: at least ``share`` of its border is black.
+    A crop by :func:`cutout_frame` keeps black corners; a smear image has next to none."""
+    dim = rgb.max(axis=2) < dark
+    return float(np.concatenate([dim[0], dim[-1], dim[:, 0], dim[:, -1]]).mean()) >= share
+
+
 def smear_background(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A light, smooth random background (uint8 RGB): a pink-to-lavender base colour (like the plasma-free glass of a
     stained smear), slow variation across the field and a little pixel noise."""

@@ -13,6 +13,7 @@ import numpy as np
 from leukoscope.preprocess.stain import apply_stain, hed_jitter
 
 DENOISE_METHODS = ("none", "median", "bilateral", "nlm")
+CROP_MODES = ("none", "cutout")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Preprocess:
         mean, std: per-channel normalisation of [0, 1] values (the backbone's own).
         denoise: ``none``, ``median``, ``bilateral`` or ``nlm`` (non-local means).
         stain: fitted stain normaliser (see :mod:`leukoscope.preprocess.stain`), or None.
+        crop: ``none``, or ``cutout``: an image of one cell cut out onto black (C-NMC 2019) is first cropped to the
+            square around its cell (:func:`leukoscope.preprocess.background.cutout_frame`), so that the network sees
+            the cell and not the black surround; other images are left whole.
     """
 
     size: int = 224
@@ -31,27 +35,65 @@ class Preprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     denoise: str = "none"
     stain: dict | None = None
+    crop: str = "none"
 
     def __post_init__(self) -> None:
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"Unknown crop {self.crop!r}. Available: {list(CROP_MODES)}")
         if self.denoise not in DENOISE_METHODS:
             raise ValueError(f"Unknown denoise method {self.denoise!r}. Available: {list(DENOISE_METHODS)}")
         if self.size < 16:
             raise ValueError(f"input size must be at least 16 pixels, got {self.size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.crop == "none":  # models (and stem caches) from before the option keep their keys
+            del d["crop"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   denoise=d.get("denoise", "none"), stain=d.get("stain"))
+                   denoise=d.get("denoise", "none"), stain=d.get("stain"), crop=d.get("crop", "none"))
+
+    def frame(self, rgb: np.ndarray) -> tuple[int, int, int] | None:
+        """The square ``(y0, x0, side)`` of ``rgb`` that :meth:`prepare` resizes, in the image's pixels (it may reach
+        past the image, where it is black); None when the whole image is used."""
+        if self.crop == "cutout":
+            from leukoscope.preprocess.background import cutout_frame
+
+            return cutout_frame(rgb)
+        return None
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
-        """Denoise and stain-normalise at the original resolution, then resize: uint8 (size, size, 3)."""
-        img = denoise(rgb, self.denoise)
+        """Crop (see ``crop``), denoise and stain-normalise at the original resolution, then resize: uint8
+        (size, size, 3)."""
+        box = self.frame(rgb)
+        img = rgb if box is None else crop_square(rgb, *box)
+        img = denoise(img, self.denoise)
         if self.stain:
             img = apply_stain(img, self.stain)
         return resize(img, self.size)
+
+    def to_input(self, heat: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """A map over ``rgb``'s pixels as a map over the prepared image (the inverse of :meth:`to_image`)."""
+        box = self.frame(rgb)
+        return cv2.resize(heat if box is None else crop_square(heat, *box), (self.size, self.size),
+                          interpolation=cv2.INTER_AREA)
+
+    def to_image(self, heat: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """A map over the prepared image (any square size) as a map over ``rgb``'s pixels: resized back, and 0 where
+        a crop left the image out (the network never saw it)."""
+        h, w = rgb.shape[:2]
+        box = self.frame(rgb)
+        if box is None:
+            return cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR) if heat.shape != (h, w) else heat
+        y0, x0, side = box
+        big = cv2.resize(heat, (side, side), interpolation=cv2.INTER_LINEAR) if heat.shape != (side, side) else heat
+        out = np.zeros((h, w), heat.dtype)
+        ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
+        out[ys, xs] = big[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        return out
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) -> float32 (3, H, W) normalised."""
@@ -67,6 +109,17 @@ class Preprocess:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return self.normalize(self.prepare(rgb))
+
+
+def crop_square(rgb: np.ndarray, y0: int, x0: int, side: int) -> np.ndarray:
+    """The ``side`` x ``side`` square of ``rgb`` at ``(y0, x0)``; black where it reaches past the image."""
+    h, w = rgb.shape[:2]
+    if y0 >= 0 and x0 >= 0 and y0 + side <= h and x0 + side <= w:
+        return rgb[y0:y0 + side, x0:x0 + side]
+    out = np.zeros((side, side, *rgb.shape[2:]), rgb.dtype)
+    ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
+    out[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = rgb[ys, xs]
+    return out
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -102,11 +155,21 @@ class Augment:
     stain_jitter: float = 0.03
     extra: dict = field(default_factory=dict)
     background: float = 0.0  # probability of replacing a black surround with a smear-like one (preprocess/background)
+    # Rotate and scale a cell on black (preprocess.background.is_cutout_view) over black, not reflecting its edges:
+    # a tight crop's edges hold the cell, whose mirror images would appear in the corners. Left out of the repr (and
+    # so of old stem-cache keys); train.stem_cache.stem_key adds it when set.
+    cutout_fill: bool = field(default=False, repr=False)
 
     def __call__(self, rgb: np.ndarray, rng: np.random.Generator, keep_background: bool = False) -> np.ndarray:
         """An augmented copy of ``rgb``. ``keep_background`` makes the same view (same draws) without replacing a
         black surround, e.g. to find the cell in it."""
         img = rgb
+        border = cv2.BORDER_REFLECT_101
+        if self.cutout_fill:
+            from leukoscope.preprocess.background import is_cutout_view
+
+            if is_cutout_view(rgb):
+                border = cv2.BORDER_CONSTANT
         if self.background:  # no draw at 0: the views stay as they were before this option
             replace, seed = rng.random() < self.background, int(rng.integers(2**31))
             if replace and not keep_background:
@@ -120,7 +183,7 @@ class Augment:
         s = rng.uniform(*self.scale) if self.scale else 1.0
         if angle or s != 1.0:
             m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, s)
-            img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
         if self.flip:
             if rng.random() < 0.5:
                 img = img[:, ::-1]

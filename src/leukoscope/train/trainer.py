@@ -131,8 +131,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         ref = Path(cfg.stain_reference) if cfg.stain_reference else train_ds.samples[0].path
         stain = fit_stain(cfg.stain, read_image(ref))
         stain["reference"] = str(ref)
-    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, stain)
-    aug = Augment(**cfg.augment)
+    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, stain, crop=cfg.crop)
+    aug = Augment(**({"cutout_fill": cfg.crop == "cutout"} | cfg.augment))
 
     for p in net.parameters():
         p.requires_grad_(False)
