@@ -16,9 +16,14 @@ DARK = 30  # grey level: pixels whose brightest channel is below this are backgr
 def foreground_mask(rgb: np.ndarray, dark: int = DARK, border_share: float = 0.95) -> np.ndarray | None:
     """The cell of an image showing one segmented cell on a black background, as a bool mask (holes filled, the
     largest bright component); None when the image is not one (its border is not almost all black)."""
-    bright = rgb.max(axis=2) >= dark
-    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
-    if (~border).mean() < border_share or not bright.any():
+    # The border first: most images are not cut-out cells, and this check is all they cost (prediction calls it on
+    # every image when a model crops cut-outs; a whole-image max over channels would cost 4x the rest of prepare).
+    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    if (edge.max(axis=1) < dark).mean() < border_share:
+        return None
+    c = np.ascontiguousarray(rgb)
+    bright = cv2.max(cv2.max(c[..., 0], c[..., 1]), c[..., 2]) >= dark
+    if not bright.any():
         return None
     n, lab, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=8)
     if n < 2:
