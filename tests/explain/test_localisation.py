@@ -39,30 +39,35 @@ def heldout_cells(shipped, data_root):
     return [read_image(p) for p in paths[::5][:8]]
 
 
-def test_layercam_peak_lies_on_the_cell(shipped, heldout_cells):
-    hits = []
-    for rgb in heldout_cells:
-        heat = gradcam_array(shipped, rgb, method="layercam")
-        assert heat.shape == rgb.shape[:2]
-        hits.append(_cell_mask(rgb)[np.unravel_index(int(heat.argmax()), heat.shape)])
-    assert np.mean(hits) >= 7 / 8, hits  # measured: 47 of 50 held-out cells
-
-
-def test_gradcam_heat_concentrates_on_the_cell(shipped, heldout_cells):
-    # Grad-CAM at the 7 x 7 last stage is coarse: even a perfect 7 x 7 map puts only ~0.75 of its mass inside these
-    # cells. It must still put far more heat on the cell than a uniform map (= the cell's area share, ~0.18).
-    ratios = []
+def test_gradcam_peak_and_heat_lie_on_the_cell(shipped, heldout_cells):
+    # The shipped model crops a cut-out cell to its square (crop: cutout) and was trained to keep the leukemic map on
+    # the cell (cam_mask). Measured on these 8 cells: mass inside 0.94 (0.73-1.00), peak inside 8 of 8; on all 50
+    # held-out cells (benchmarks/explain_localisation.py): mass 0.955, peak 0.94. A uniform map holds ~0.20.
+    masses, hits = [], []
     for rgb in heldout_cells:
         heat = gradcam_array(shipped, rgb)
+        assert heat.shape == rgb.shape[:2]
         mask = _cell_mask(rgb)
-        ratios.append(float(heat[mask].sum() / heat.sum()) / float(mask.mean()))
-    assert np.mean(ratios) > 1.8, ratios
+        masses.append(float(heat[mask].sum() / heat.sum()))
+        hits.append(mask[np.unravel_index(int(heat.argmax()), heat.shape)])
+    assert np.mean(masses) >= 0.85, masses
+    assert np.mean(hits) >= 7 / 8, hits
+
+
+def test_other_cams_put_most_heat_on_the_cell(shipped, heldout_cells):
+    # Measured on these 8 cells: LayerCAM 0.87, Grad-CAM++ 0.88 of the mass inside the cell (50 cells: 0.89, 0.89).
+    for method in ("layercam", "gradcam++"):
+        masses = []
+        for rgb in heldout_cells:
+            heat = gradcam_array(shipped, rgb, method=method)
+            masses.append(float(heat[_cell_mask(rgb)].sum() / heat.sum()))
+        assert np.mean(masses) >= 0.75, (method, masses)
 
 
 def test_gradcam_heat_falls_on_white_cells_in_all_idb1_windows(shipped, data_root):
     # 257 x 257 windows centred on every third blast of Im005_1 (expert white-cell mask). Measured on these 8 windows:
-    # Grad-CAM mass inside white cells 0.43 against 0.30 for a uniform map, peak inside a white cell 4 of 8. Whole
-    # benchmark (63 windows): peak inside 0.51 against chance 0.34; see docs/EXPLAIN.md.
+    # Grad-CAM mass inside white cells 0.54 against 0.30 for a uniform map, peak inside a white cell 7 of 8. Whole
+    # benchmark (63 windows): peak inside 0.89 against chance 0.34; see docs/EXPLAIN.md.
     ds = load_dataset("all_idb1", root=data_root / "all_idb")
     field = next(s for s in ds.samples if s.path.stem == "Im005_1")
     rgb = read_image(field.path)
@@ -75,5 +80,5 @@ def test_gradcam_heat_falls_on_white_cells_in_all_idb1_windows(shipped, data_roo
         mass.append(float(heat[m].sum() / heat.sum()))
         hits.append(m[np.unravel_index(int(heat.argmax()), heat.shape)])
         chance.append(float(m.mean()))
-    assert np.mean(mass) > 1.2 * np.mean(chance), (mass, chance)
-    assert np.mean(hits) >= np.mean(chance), (hits, chance)
+    assert np.mean(mass) > 1.5 * np.mean(chance), (mass, chance)
+    assert np.mean(hits) >= 0.75, (hits, chance)

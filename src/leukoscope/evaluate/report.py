@@ -221,6 +221,9 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
            + ", ".join(f"`{c}`" for c in info["spec"]["subclasses"])
            + "); it answers with the classes, each class's probability being the sum of its subclasses'."]
           if info["spec"].get("subclasses") else []),
+        *(["- Input crop (`crop: cutout`): an image of one cell cut out onto a black background is cropped to the "
+           "square around the cell before resizing (other images are used whole); heatmaps are zero outside the crop."]
+          if getattr(cfg, "crop", "none") == "cutout" else []),
         *([f"- Loss on the activation maps (`cam_mask: {cfg.cam_mask}`): on training images of one cell on a black "
            "background, the share of the abnormal classes' maps outside the cell is added to the loss, so that the "
            "heatmaps of abnormal calls lie on the cell (`leukoscope.train.cam_mask`)."]
