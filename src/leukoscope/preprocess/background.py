@@ -13,13 +13,18 @@ import numpy as np
 DARK = 30  # grey level: pixels whose brightest channel is below this are background
 
 
+def dark_border_share(rgb: np.ndarray, dark: int = DARK) -> float:
+    """The share of the image's border pixels whose brightest channel is below ``dark``."""
+    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    return float((edge.max(axis=1) < dark).mean())
+
+
 def foreground_mask(rgb: np.ndarray, dark: int = DARK, border_share: float = 0.95) -> np.ndarray | None:
     """The cell of an image showing one segmented cell on a black background, as a bool mask (holes filled, the
     largest bright component); None when the image is not one (its border is not almost all black)."""
     # The border first: most images are not cut-out cells, and this check is all they cost (prediction calls it on
     # every image when a model crops cut-outs; a whole-image max over channels would cost 4x the rest of prepare).
-    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    if (edge.max(axis=1) < dark).mean() < border_share:
+    if dark_border_share(rgb, dark) < border_share:
         return None
     c = np.ascontiguousarray(rgb)
     bright = cv2.max(cv2.max(c[..., 0], c[..., 1]), c[..., 2]) >= dark
@@ -53,8 +58,7 @@ def cutout_frame(rgb: np.ndarray) -> tuple[int, int, int] | None:
 def is_cutout_view(rgb: np.ndarray, dark: int = DARK, share: float = 0.5) -> bool:
     """Whether a (prepared, maybe cropped) image shows a cell on black: at least ``share`` of its border is black.
     A crop by :func:`cutout_frame` keeps black corners; a smear image has next to none."""
-    dim = rgb.max(axis=2) < dark
-    return float(np.concatenate([dim[0], dim[-1], dim[:, 0], dim[:, -1]]).mean()) >= share
+    return dark_border_share(rgb, dark) >= share
 
 
 def smear_background(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

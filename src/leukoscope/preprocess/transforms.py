@@ -88,11 +88,11 @@ class Preprocess:
         box = self.frame(rgb)
         if box is None:
             return cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR) if heat.shape != (h, w) else heat
-        y0, x0, side = box
+        side = box[2]
         big = cv2.resize(heat, (side, side), interpolation=cv2.INTER_LINEAR) if heat.shape != (side, side) else heat
         out = np.zeros((h, w), heat.dtype)
-        ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
-        out[ys, xs] = big[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        in_image, in_square = _overlap(*box, h, w)
+        out[in_image] = big[in_square]
         return out
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
@@ -117,9 +117,16 @@ def crop_square(rgb: np.ndarray, y0: int, x0: int, side: int) -> np.ndarray:
     if y0 >= 0 and x0 >= 0 and y0 + side <= h and x0 + side <= w:
         return rgb[y0:y0 + side, x0:x0 + side]
     out = np.zeros((side, side, *rgb.shape[2:]), rgb.dtype)
-    ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
-    out[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = rgb[ys, xs]
+    in_image, in_square = _overlap(y0, x0, side, h, w)
+    out[in_square] = rgb[in_image]
     return out
+
+
+def _overlap(y0: int, x0: int, side: int, h: int, w: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where the square at ``(y0, x0)`` and an ``h`` x ``w`` image overlap: (rows, cols) in the image's pixels and
+    in the square's."""
+    ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
+    return (ys, xs), (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:
