@@ -33,6 +33,7 @@ from leukoscope.data.images import read_image  # noqa: E402
 from leukoscope.explain import CAM, gradcam_array  # noqa: E402
 from leukoscope.explain.cam import get_method, resolve_layer  # noqa: E402
 from leukoscope.models import LoadedModel, load_model  # noqa: E402
+from leukoscope.preprocess.transforms import crop_square  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [("gradcam", None), ("gradcam", "backbone.blocks.5"), ("gradcam", "backbone.blocks.4"),
@@ -48,7 +49,7 @@ def cameras_map(model: LoadedModel, rgb: np.ndarray, scales: tuple[float, ...]) 
     x = torch.from_numpy(model.preprocess(rgb)[None])
     with CAM(model.module, "cameras", model.target_layer, lock=model._lock, scales=scales) as cam:
         small = cam(x)[0]
-    return np.clip(cv2.resize(small, rgb.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
+    return np.clip(model.preprocess.to_image(small, rgb), 0, 1)
 
 
 def main() -> None:
@@ -70,9 +71,11 @@ def main() -> None:
         rgb = read_image(s.path)
         mask = cell_mask(rgb)
         predicted.append(model.classes[int(model.predict_arrays([rgb])[0].argmax())])
+        box = model.preprocess.frame(rgb)  # the part of the image the network sees (all of it without a crop)
+        seen = (mask if box is None else crop_square(mask, *box)).astype(np.float32)
         for g in (7, 14, 28):
-            small = cv2.resize(mask.astype(np.float32), (g, g), interpolation=cv2.INTER_AREA)
-            up = cv2.resize(cv2.resize(small, (size, size)), rgb.shape[1::-1])
+            small = cv2.resize(seen, (g, g), interpolation=cv2.INTER_AREA)
+            up = model.preprocess.to_image(cv2.resize(small, (size, size)), rgb)
             res.setdefault(f"outline map {g}x{g}", []).append(mass_in(np.clip(up, 0, 1), mask))
         for method, layer in CONFIGS:
             t = time.perf_counter()
