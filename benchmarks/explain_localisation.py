@@ -11,8 +11,14 @@
 3. Faithfulness on the C-NMC images: deletion AUC (remove the hottest pixels first, to black; lower is better) and
    insertion AUC (restore them first into a blurred image; higher is better) of the calibrated probability of the
    explained (predicted) class, for every method and for a random map as smooth as a 7 x 7 CAM. A method beats the
-   baseline when its mean deletion is lower and its mean insertion higher; ``win`` is the share of images where
-   insertion - deletion is larger than the random map's.
+   baseline when its mean deletion is lower and its mean insertion higher (and *clearly* when the 95 % bootstrap CIs
+   of both paired differences, method minus random on the same images, exclude 0); ``win`` is the share of images where
+   insertion - deletion is larger than the random map's. Also ROAD (``--road-percentiles``; ``--no-road`` skips it):
+   the removed pixels are imputed from their neighbours instead of set to black or blurred, so the model is not
+   scored on images unlike any it saw; MoRF (lower is better) and LeRF (higher is better), mean probability over the
+   percentiles. A method beats the baseline on ROAD when its MoRF is lower and its LeRF higher than the random map's.
+   The cell's own mask, used as a map, is scored the same way (``cell mask (reference)``): what a map that meets the
+   localisation target exactly gets in these tests.
 
     nice -n 10 python benchmarks/explain_localisation.py                        # leukemia-cell, all methods
     python benchmarks/explain_localisation.py --model /path/to/model --methods gradcam occlusion --n-cells 20
@@ -37,12 +43,15 @@ from scipy import ndimage
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.explain import METHODS, gradcam_array
-from leukoscope.explain.faithfulness import deletion_insertion, model_score_fn, random_map
+from leukoscope.explain.faithfulness import ROAD_PERCENTILES, deletion_insertion, model_score_fn, random_map, road
 from leukoscope.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 257
 SLOW = {"scorecam"}
+# Not a method: the cell's own mask as a map (1 on the cell, 0 elsewhere), scored like the methods. It is what a map
+# meeting the localisation target perfectly would get in the faithfulness tests.
+REFERENCE = "cell mask (reference)"
 
 
 def cell_mask(rgb: np.ndarray) -> np.ndarray:
@@ -99,6 +108,16 @@ def summary(values: list[float]) -> dict:
     return {"mean": float(a.mean()), "median": float(np.median(a)), "q10": float(np.quantile(a, 0.1)), "n": int(len(a))}
 
 
+def paired(method: list[float], rnd: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
+    """Mean of (method - random map) over the same images, with a 95 % bootstrap CI over the images."""
+    d = np.asarray(method, np.float64) - np.asarray(rnd[:len(method)], np.float64)
+    if not len(d):
+        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
+    boots = np.random.default_rng(seed).choice(d, (n_boot, len(d))).mean(axis=1)
+    return {"mean": float(d.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "n": int(len(d))}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -116,8 +135,10 @@ def run(args: argparse.Namespace) -> dict:
     samples = samples[::step][:args.n_cells]
     result["cnmc"] = {"images": len(samples), "selection": "held-out test part of the model's split" if held is not None
                       else "all (the model never saw C-NMC 2019)", "every_kth": step}
-    per: dict[str, dict[str, list]] = {m: {"mass": [], "peak": [], "del": [], "ins": [], "sec": [], "win": []}
-                                       for m in [*methods, "random"]}
+    per: dict[str, dict[str, list]] = {m: {"mass": [], "peak": [], "del": [], "ins": [], "sec": [], "win": [],
+                                           "morf": [], "lerf": [], "win_road": []}
+                                       for m in [*methods, REFERENCE, "random"]}
+    pcts = tuple(args.road_percentiles) if not args.no_road else ()
     size = model.input_size
     for i, s in enumerate(samples):
         rgb = read_image(s.path)
@@ -132,11 +153,15 @@ def run(args: argparse.Namespace) -> dict:
         per["random"]["peak"].append(peak_in(rnd_full, mask))
         per["random"]["del"].append(base["deletion"])
         per["random"]["ins"].append(base["insertion"])
-        for m in methods:
+        if pcts:
+            base_road = road(score, prepared, rnd, percentiles=pcts, seed=i)
+            per["random"]["morf"].append(base_road["morf"])
+            per["random"]["lerf"].append(base_road["lerf"])
+        for m in [*methods, REFERENCE]:
             if m in SLOW and i >= args.n_slow:
                 continue
             t = time.perf_counter()
-            heat = gradcam_array(model, rgb, target_class=k, method=m)
+            heat = mask.astype(np.float32) if m == REFERENCE else gradcam_array(model, rgb, target_class=k, method=m)
             per[m]["sec"].append(time.perf_counter() - t)
             per[m]["mass"].append(mass_in(heat, mask))
             per[m]["peak"].append(peak_in(heat, mask))
@@ -145,23 +170,45 @@ def run(args: argparse.Namespace) -> dict:
             per[m]["del"].append(f["deletion"])
             per[m]["ins"].append(f["insertion"])
             per[m]["win"].append(f["insertion"] - f["deletion"] > base["insertion"] - base["deletion"])
+            if pcts:
+                r = road(score, prepared, small, percentiles=pcts, seed=i)
+                per[m]["morf"].append(r["morf"])
+                per[m]["lerf"].append(r["lerf"])
+                per[m]["win_road"].append(r["combined"] > base_road["combined"])
         print(f"  cnmc {i + 1}/{len(samples)}", end="\r", flush=True)
     result["cnmc"]["cell_area_fraction"] = summary([float(cell_mask(read_image(s.path)).mean()) for s in samples])
     result["cnmc"]["methods"] = {
         m: {"mass_in_cell": summary(v["mass"]), "peak_in_cell": float(np.mean(v["peak"])) if v["peak"] else None,
             "deletion_auc": summary(v["del"]), "insertion_auc": summary(v["ins"]),
             "win_vs_random": float(np.mean(v["win"])) if v["win"] else None,
+            "road_morf": summary(v["morf"]) if v["morf"] else None,
+            "road_lerf": summary(v["lerf"]) if v["lerf"] else None,
+            "road_win_vs_random": float(np.mean(v["win_road"])) if v["win_road"] else None,
             "seconds_per_image_median": float(np.median(v["sec"])) if v["sec"] else None, "n": len(v["mass"])}
         for m, v in per.items()}
     rnd_del, rnd_ins = np.mean(per["random"]["del"]), np.mean(per["random"]["ins"])
-    for m in methods:
+    for m in [*methods, REFERENCE]:
         r = result["cnmc"]["methods"][m]
         # the random baseline over the same images as the method (Score-CAM runs on fewer)
         n = r["n"]
         rd, ri = np.mean(per["random"]["del"][:n]), np.mean(per["random"]["ins"][:n])
         r["random_deletion_same_images"], r["random_insertion_same_images"] = float(rd), float(ri)
         r["beats_random"] = bool(r["deletion_auc"]["mean"] < rd and r["insertion_auc"]["mean"] > ri)
+        # paired differences (method - random) over the same images: deletion / MoRF should be < 0, insertion /
+        # LeRF > 0; "clearly" = the whole 95 % CI on the right side of 0
+        r["paired_vs_random"] = {"deletion": paired(per[m]["del"], per["random"]["del"]),
+                                 "insertion": paired(per[m]["ins"], per["random"]["ins"])}
+        pv = r["paired_vs_random"]
+        r["beats_random_clearly"] = bool(pv["deletion"]["ci"][1] < 0 and pv["insertion"]["ci"][0] > 0)
+        if pcts:
+            rm, rl = np.mean(per["random"]["morf"][:n]), np.mean(per["random"]["lerf"][:n])
+            r["random_road_morf_same_images"], r["random_road_lerf_same_images"] = float(rm), float(rl)
+            r["beats_random_road"] = bool(r["road_morf"]["mean"] < rm and r["road_lerf"]["mean"] > rl)
+            pv["road_morf"] = paired(per[m]["morf"], per["random"]["morf"])
+            pv["road_lerf"] = paired(per[m]["lerf"], per["random"]["lerf"])
+            r["beats_random_road_clearly"] = bool(pv["road_morf"]["ci"][1] < 0 and pv["road_lerf"]["ci"][0] > 0)
     result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins)}
+    result["cnmc"]["road_percentiles"] = list(pcts)
 
     # ---- 2. ALL-IDB1 fields with white-cell masks --------------------------------------------------------------
     idb = load_dataset("all_idb1", root=data_root / "all_idb" if data_root else None)
@@ -226,10 +273,38 @@ def table(res: dict) -> str:
         lines.append(f"| {m} | {r['n']} | {mass['mean']:.3f} / {mass['median']:.3f} / {q10:.3f}"
                      f" | {r['peak_in_cell']:.2f} | {r['deletion_auc']['mean']:.3f} | {r['insertion_auc']['mean']:.3f}"
                      f" | {extra[0]} | {extra[1]} | {extra[2]} |")
+    lines += ["", "Method minus random map on the same images, mean [95 % bootstrap CI over images]: deletion and "
+                  "ROAD MoRF should be below 0, insertion and ROAD LeRF above",
+              "| method | deletion | insertion | ROAD MoRF | ROAD LeRF | clearly beats random: del/ins, ROAD |",
+              "|---|---|---|---|---|---|"]
+
+    def ci(x: dict | None) -> str:
+        return "—" if not x else f"{x['mean']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
+
+    for m, r in c["methods"].items():
+        if m == "random":
+            continue
+        pv = r["paired_vs_random"]
+        road_ok = r.get("beats_random_road_clearly")
+        lines.append(f"| {m} | {ci(pv['deletion'])} | {ci(pv['insertion'])} | {ci(pv.get('road_morf'))} | "
+                     f"{ci(pv.get('road_lerf'))} | {'yes' if r['beats_random_clearly'] else 'no'}, "
+                     f"{'—' if road_ok is None else 'yes' if road_ok else 'no'} |")
+    if c.get("road_percentiles"):
+        lines += ["", f"ROAD on the same images (removed pixels imputed from their neighbours; percentiles "
+                      f"{c['road_percentiles']}): mean probability of the explained class",
+                  "| method | n | MoRF (lower) | LeRF (higher) | random MoRF / LeRF, same images | beats random "
+                  "| win rate |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, r in c["methods"].items():
+            if m == "random" or r.get("road_morf") is None:
+                continue
+            lines.append(f"| {m} | {r['n']} | {r['road_morf']['mean']:.3f} | {r['road_lerf']['mean']:.3f} | "
+                         f"{r['random_road_morf_same_images']:.3f} / {r['random_road_lerf_same_images']:.3f} | "
+                         f"{'yes' if r['beats_random_road'] else 'NO'} | {r['road_win_vs_random']:.2f} |")
     a = res["all_idb1"]
     lines += ["", f"ALL-IDB1: fields {', '.join(a['fields'])} ({a['blasts']} blasts), {a['window']}x{a['window']} "
                   "windows; peak inside a white cell (mass inside white cells)"]
-    methods = [m for m in c["methods"] if m != "random"]
+    methods = [m for m in c["methods"] if m not in ("random", REFERENCE)]
     lines += ["| windows | n | chance | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
     for kind, title in (("blast_windows", "centred on blasts"), ("tiles", "tiles with >= 2% WBC")):
         r = a[kind]
@@ -246,6 +321,9 @@ def main() -> None:
     p.add_argument("--n-slow", type=int, default=10, help="images for Score-CAM (one forward pass per channel)")
     p.add_argument("--max-windows", type=int, default=0, help="ALL-IDB1 windows per kind, evenly spaced (0: all)")
     p.add_argument("--steps", type=int, default=16, help="points on the deletion / insertion curves, minus one")
+    p.add_argument("--road-percentiles", type=int, nargs="+", default=list(ROAD_PERCENTILES),
+                   help="shares of the pixels ROAD removes, in percent")
+    p.add_argument("--no-road", action="store_true", help="skip ROAD (it solves one sparse system per point)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from leukoscope.explain.faithfulness import deletion_insertion, random_map
+from leukoscope.explain.faithfulness import deletion_insertion, random_map, road
 
 
 def _score(batch: np.ndarray) -> np.ndarray:
@@ -38,3 +38,36 @@ def test_random_map_is_smooth_and_seeded():
     np.testing.assert_array_equal(a, b)
     assert a.shape == (64, 64) and 0 <= a.min() and a.max() <= 1
     assert np.abs(np.diff(a, axis=0)).max() < 0.15  # bilinear from 7 x 7: no pixel-level noise
+
+
+def _texture_score(batch: np.ndarray) -> np.ndarray:
+    # the "class probability" is the contrast (std) of the top-left 16 x 16 block: imputation from the neighbours
+    # smooths a removed patch, so removing that block's pixels lowers it, removing others leaves it
+    return batch[:, :16, :16].astype(np.float64).std(axis=(1, 2, 3)) / 128.0
+
+
+def test_road_ranks_the_right_map_first():
+    rng = np.random.default_rng(0)
+    img = np.full((48, 48, 3), 128, np.uint8)
+    img[:16, :16] = rng.integers(0, 256, (16, 16, 3))  # a textured block on grey
+    right = np.zeros((48, 48), np.float32)
+    right[:16, :16] = 1.0
+    good = road(_texture_score, img, right, percentiles=(10, 50))
+    bad = road(_texture_score, img, 1.0 - right, percentiles=(10, 50))
+    rnd = road(_texture_score, img, random_map(48, seed=1), percentiles=(10, 50))
+    s0 = _texture_score(img[None])[0]
+    # removing the most relevant 10% (230 of the block's 256 pixels) leaves 26 textured pixels in a smooth patch
+    assert good["morf_curve"][0] < 0.6 * s0
+    # the inverted map removes grey pixels first: the block is untouched at 10% and 50%
+    np.testing.assert_allclose(bad["morf_curve"], s0, rtol=1e-6)
+    assert good["morf"] < rnd["morf"] < bad["morf"]
+    assert good["lerf"] > rnd["lerf"] > bad["lerf"]
+    assert good["combined"] > rnd["combined"] > bad["combined"]
+    assert good["percentiles"] == [10, 50] and len(good["lerf_curve"]) == 2
+
+
+def test_road_rejects_a_map_of_another_size():
+    import pytest
+
+    with pytest.raises(ValueError, match="differ in size"):
+        road(_texture_score, np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.float32))

@@ -4,6 +4,13 @@ Deletion: remove the pixels the map ranks highest first (set them to black) and 
 probability fall; a faithful map makes it fall fast (low area under the curve). Insertion: start from a heavily
 blurred image and put the highest-ranked pixels back first; a faithful map makes the probability rise fast (high
 area). Both are compared with a random map of the same smoothness (:func:`random_map`).
+
+ROAD (Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022;
+:func:`road`) removes pixels without leaving an image the model never saw: the removed pixels are filled in from
+their neighbours by noisy linear imputation (pytorch-grad-cam's ``NoisyLinearImputer``, from the paper's code), so a
+hole in a cell becomes a smooth patch of the colours around it, not black or blur. MoRF removes the most relevant
+pixels first (a faithful map makes the probability fall: low is better), LeRF the least relevant first (the
+probability should stay: high is better).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+import torch
 
 from leukoscope.models.modeldir import LoadedModel, softmax
 
@@ -63,6 +71,47 @@ def deletion_insertion(score_fn: Callable[[np.ndarray], np.ndarray], image: np.n
     x = counts / counts[-1]
     return {"deletion": _auc(dcurve, x), "insertion": _auc(icurve, x),
             "deletion_curve": dcurve.tolist(), "insertion_curve": icurve.tolist()}
+
+
+ROAD_PERCENTILES = (10, 30, 50, 70, 90)
+
+
+def road(score_fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, heat: np.ndarray,
+         percentiles: tuple[int, ...] = ROAD_PERCENTILES, seed: int = 0) -> dict:
+    """ROAD scores of one map: the explained class's probability after removing (imputing) a share of the pixels.
+
+    Args:
+        score_fn: uint8 batch ``(B, S, S, 3)`` -> probability of the explained class, shape ``(B,)``.
+        image: the prepared ``(S, S, 3)`` uint8 image the model sees.
+        heat: ``(S, S)`` map; higher = more important.
+        percentiles: shares of the pixels removed, in percent.
+        seed: ties in the map and the imputation noise.
+
+    Returns:
+        ``morf`` (mean probability over the percentiles, most relevant removed first; lower is better), ``lerf``
+        (least relevant first; higher is better), ``combined`` = (lerf - morf) / 2 (higher is better; the paper's
+        ``ROADCombined``) and both curves, one point per percentile.
+    """
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    if heat.shape != image.shape[:2]:
+        raise ValueError(f"map {heat.shape} and image {image.shape[:2]} differ in size")
+    h, w = heat.shape
+    order = _order(heat, seed)
+    imputer = NoisyLinearImputer(noise=0.01)  # noise in [0, 1] units: 2.5 grey levels
+    img = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1) / 255.0)
+    torch.manual_seed(seed)
+    batch = []
+    for first in (order, order[::-1]):  # MoRF, then LeRF
+        for p in percentiles:
+            keep = torch.ones(h * w)
+            keep[torch.from_numpy(np.ascontiguousarray(first[:round(h * w * p / 100)]))] = 0
+            out = imputer(img, keep.reshape(h, w)).clamp(0, 1)
+            batch.append((out.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    scores = np.asarray(score_fn(np.stack(batch)), np.float64)
+    morf, lerf = scores[:len(percentiles)], scores[len(percentiles):]
+    return {"morf": float(morf.mean()), "lerf": float(lerf.mean()), "combined": float((lerf.mean() - morf.mean()) / 2),
+            "morf_curve": morf.tolist(), "lerf_curve": lerf.tolist(), "percentiles": list(percentiles)}
 
 
 def _auc(y: np.ndarray, x: np.ndarray) -> float:
