@@ -13,8 +13,10 @@ per batch on the cached stem features.
 Measured on the leukemia-cell recipe (docs/EXPLAIN.md): alone, the leukemic maps move onto the cell (Grad-CAM mass
 inside 0.43 -> 0.88), but the decision still depends on the black surround, and Grad-CAM then fails the deletion /
 insertion test against a random map. With the cut-out cell cropped to its square (``crop: cutout``) Grad-CAM holds
-0.955 of its mass in the cell and stays faithful (the multi-scale ``cameras`` does not); the shipped
-``leukemia-cell`` uses both since 2026-11-26.
+0.955 of its mass in the cell (the shipped ``leukemia-cell`` uses both since 2026-11-26), but with confidence
+intervals and ROAD it is only half faithful: removing what it marks hurts the decision more than random, while its
+insertion is at chance and removing what it marks least important hurts more than random. Every weight tried (0.1,
+0.3, 1.0) costs that faithfulness; the crop alone keeps it (docs/EXPLAIN.md, "Models side by side").
 """
 
 from __future__ import annotations
