@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import special
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -70,7 +71,7 @@ def stack_handcrafted(samples: dict, p_blast: dict, c: float) -> dict:
         ys[part] = np.array([s.labels["cell_type"] == BLAST for s, k in zip(ss, ok) if k])
     svm = make_pipeline(StandardScaler(), SVC(C=c, class_weight="balanced")).fit(feats["train"], ys["train"])
     sv = {p: svm.decision_function(feats[p]) for p in ("val", "test")}
-    logit = {p: np.log(np.clip(p_blast[p], 1e-6, 1 - 1e-6) / np.clip(1 - p_blast[p], 1e-6, 1)) for p in ("val", "test")}
+    logit = {p: special.logit(np.clip(p_blast[p], 1e-6, 1 - 1e-6)) for p in ("val", "test")}
     z = {p: np.c_[logit[p], sv[p]] for p in ("val", "test")}
     lr = LogisticRegression().fit(z["val"], ys["val"])
     st = {p: lr.decision_function(z[p]) for p in ("val", "test")}
@@ -99,7 +100,7 @@ def run(model_dir: str, tta: bool, stack_c: float | None = None) -> dict:
            "n_test_patients": n_pat, **report(scores["val"][:2], (pt, yt))}
     # which cell types the validation threshold takes for blasts, on the test patients
     types = np.array([s.labels["cell_type"] for s in samples_by_part["test"]])
-    flagged = (pt > out["threshold_from_val"]) & ~yt
+    flagged = (pt >= out["threshold_from_val"]) & ~yt  # positive at >= t, as in sens_spec
     out["test_false_positives_by_type"] = {
         str(t): [int((flagged & (types == t)).sum()), int((types == t).sum())]
         for t in sorted(set(types[~yt]), key=lambda t: -int((flagged & (types == t)).sum()))}
