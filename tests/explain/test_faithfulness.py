@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from leukoscope.explain.faithfulness import deletion_insertion, random_map, road
 
@@ -67,7 +68,5 @@ def test_road_ranks_the_right_map_first():
 
 
 def test_road_rejects_a_map_of_another_size():
-    import pytest
-
     with pytest.raises(ValueError, match="differ in size"):
         road(_texture_score, np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.float32))
