@@ -55,6 +55,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     split: str = ""  # split file; empty: make a stratified group split and save it in the model directory
+    split_seed: int = -1  # seed of the split made when `split` is empty; -1: the same as `seed` (so that a run with
+    #                       another seed for the weights can keep the split of seed 0: `split_seed: 0`)
     test_size: float = 0.2
     val_size: float = 0.15
     hybrid_dim: int = 192

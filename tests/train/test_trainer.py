@@ -184,3 +184,15 @@ def test_bad_source_weights_fail_before_loading_data(tmp_path, monkeypatch, weig
     monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("data loaded"), raising=False)
     with pytest.raises(ValueError, match=message):
         train(make_config({**BASE, "source_weights": weights}), tmp_path / "m", progress=False)
+
+
+def test_split_seed_keeps_the_split_when_the_weights_seed_changes(data_root):
+    from leukoscope.train.trainer import load_training_data, make_or_load_split
+
+    base = {"datasets": ("all_idb2",), "roots": {"all_idb2": str(data_root / "all_idb" / "ALL_IDB2")}}
+    ds = load_training_data(make_config(base))
+    parts = {}
+    for name, extra in (("seed0", {"seed": 0}), ("seed1", {"seed": 1}), ("seed1_split0", {"seed": 1, "split_seed": 0})):
+        parts[name] = make_or_load_split(make_config({**base, **extra}), ds).parts
+    assert parts["seed1"]["test"] != parts["seed0"]["test"]  # the seed moves the split...
+    assert parts["seed1_split0"] == parts["seed0"]  # ...unless split_seed pins it

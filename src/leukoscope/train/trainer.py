@@ -50,7 +50,8 @@ def make_or_load_split(cfg: TrainConfig, ds: Dataset) -> Split:
     if cfg.split:
         split = Split.load(cfg.split)
     else:
-        split = group_split(ds, test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed)
+        seed = cfg.split_seed if cfg.split_seed >= 0 else cfg.seed
+        split = group_split(ds, test_size=cfg.test_size, val_size=cfg.val_size, seed=seed)
     assert_no_leak(ds, split)
     return split
 
