@@ -17,6 +17,9 @@
    the removed pixels are imputed from their neighbours instead of set to black or blurred, so the model is not
    scored on images unlike any it saw; MoRF (lower is better) and LeRF (higher is better), mean probability over the
    percentiles. A method beats the baseline on ROAD when its MoRF is lower and its LeRF higher than the random map's.
+   Each pair of curves also as one number, the usual summaries: insertion - deletion, and ROAD combined =
+   (LeRF - MoRF) / 2 (higher is better for both), method minus random map with the same kind of CI. A map can lose
+   on one side of a pair (e.g. insertion) and still rank the pixels better overall; the combined score says which.
    The cell's own mask, used as a map, is scored the same way (``cell mask (reference)``): what a map that meets the
    localisation target exactly gets in these tests.
 
@@ -118,6 +121,10 @@ def paired(method: list[float], rnd: list[float], seed: int = 0, n_boot: int = 2
             "n": int(len(d))}
 
 
+def _minus(a: list[float], b: list[float], scale: float = 1.0) -> list[float]:
+    return [scale * (x - y) for x, y in zip(a, b, strict=True)]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -202,6 +209,10 @@ def run(args: argparse.Namespace) -> dict:
                                  "insertion": paired(per[m]["ins"], per["random"]["ins"])}
         pv = r["paired_vs_random"]
         r["beats_random_clearly"] = bool(pv["deletion"]["ci"][1] < 0 and pv["insertion"]["ci"][0] > 0)
+        # the usual one-number summaries of each pair of curves: insertion - deletion, and ROAD's (LeRF - MoRF) / 2
+        pv["insertion_minus_deletion"] = paired(_minus(per[m]["ins"], per[m]["del"]),
+                                                _minus(per["random"]["ins"], per["random"]["del"]))
+        r["beats_random_combined_clearly"] = bool(pv["insertion_minus_deletion"]["ci"][0] > 0)
         if pcts:
             rm, rl = np.mean(per["random"]["morf"][:n]), np.mean(per["random"]["lerf"][:n])
             r["random_road_morf_same_images"], r["random_road_lerf_same_images"] = float(rm), float(rl)
@@ -209,7 +220,12 @@ def run(args: argparse.Namespace) -> dict:
             pv["road_morf"] = paired(per[m]["morf"], per["random"]["morf"])
             pv["road_lerf"] = paired(per[m]["lerf"], per["random"]["lerf"])
             r["beats_random_road_clearly"] = bool(pv["road_morf"]["ci"][1] < 0 and pv["road_lerf"]["ci"][0] > 0)
-    result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins)}
+            pv["road_combined"] = paired(_minus(per[m]["lerf"], per[m]["morf"], 0.5),
+                                         _minus(per["random"]["lerf"], per["random"]["morf"], 0.5))
+            r["beats_random_road_combined_clearly"] = bool(pv["road_combined"]["ci"][0] > 0)
+        r["per_image"] = {k: per[m][k] for k in ("mass", "del", "ins", "morf", "lerf")}
+    result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins),
+                                "per_image": {k: per["random"][k] for k in ("mass", "del", "ins", "morf", "lerf")}}
     result["cnmc"]["road_percentiles"] = list(pcts)
 
     # ---- 2. ALL-IDB1 fields with white-cell masks --------------------------------------------------------------
@@ -277,8 +293,9 @@ def table(res: dict) -> str:
                      f" | {extra[0]} | {extra[1]} | {extra[2]} |")
     lines += ["", "Method minus random map on the same images, mean [95 % bootstrap CI over images]: deletion and "
                   "ROAD MoRF should be below 0, insertion and ROAD LeRF above",
-              "| method | deletion | insertion | ROAD MoRF | ROAD LeRF | clearly beats random: del/ins, ROAD |",
-              "|---|---|---|---|---|---|"]
+              "| method | deletion | insertion | ROAD MoRF | ROAD LeRF | clearly beats random: del/ins, ROAD | "
+              "insertion - deletion | ROAD (LeRF - MoRF) / 2 |",
+              "|---|---|---|---|---|---|---|---|"]
 
     def ci(x: dict | None) -> str:
         return "—" if not x else f"{x['mean']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
@@ -290,7 +307,8 @@ def table(res: dict) -> str:
         road_ok = r.get("beats_random_road_clearly")
         lines.append(f"| {m} | {ci(pv['deletion'])} | {ci(pv['insertion'])} | {ci(pv.get('road_morf'))} | "
                      f"{ci(pv.get('road_lerf'))} | {'yes' if r['beats_random_clearly'] else 'no'}, "
-                     f"{'—' if road_ok is None else 'yes' if road_ok else 'no'} |")
+                     f"{'—' if road_ok is None else 'yes' if road_ok else 'no'} | "
+                     f"{ci(pv.get('insertion_minus_deletion'))} | {ci(pv.get('road_combined'))} |")
     if c.get("road_percentiles"):
         lines += ["", f"ROAD on the same images (removed pixels imputed from their neighbours; percentiles "
                       f"{c['road_percentiles']}): mean probability of the explained class",
