@@ -2,7 +2,8 @@
 
 1. C-NMC 2019 single cells on black: share of heatmap mass inside the cell (mask = the non-black region, holes
    filled) and how often the peak lies on it. Target: mass share >= 0.9. When the model directory holds a
-   ``split.json`` that names C-NMC images, only its ``test`` part (held-out subjects) is used.
+   ``split.json`` that names C-NMC images, only its ``test`` part (held-out subjects) is used, or with ``--part val``
+   its validation part: for choosing between runs (seeds, recipes) without using the cells that report.
 2. ALL-IDB1 fields with expert white-cell masks (5 fields, 63 blasts): (a) a 257 x 257 window centred on each blast
    centroid (clamped inside the field; the ALL-IDB2 crop size); (b) the field tiled into 257 x 257 windows, keeping
    those with >= 2 % white-cell pixels (``--max-windows`` keeps an evenly spaced subset of each). Reported: how
@@ -64,7 +65,7 @@ def cell_mask(rgb: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(fg)
 
 
-def heldout_names(model_path: Path) -> set[str] | None:
+def heldout_names(model_path: Path, part: str = "test") -> set[str] | None:
     split = model_path / "split.json"
     if not split.exists():
         return None
@@ -72,7 +73,7 @@ def heldout_names(model_path: Path) -> set[str] | None:
     seen = [Path(p).name for part in parts.values() for p in part]
     if not any(n.startswith("UID_") for n in seen):
         return None  # the model never saw C-NMC 2019
-    return {Path(p).name for p in parts.get("test", [])}
+    return {Path(p).name for p in parts.get(part, [])}
 
 
 def windows_around(points: list[tuple[int, int]], w: int, h: int) -> list[tuple[int, int]]:
@@ -136,12 +137,13 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---- 1. C-NMC 2019 cells ------------------------------------------------------------------------------------
     cnmc = load_dataset("cnmc2019", root=data_root / "cnmc2019" if data_root else None)
-    held = heldout_names(model.path)
+    held = heldout_names(model.path, args.part)
     samples = [s for s in cnmc.samples if held is None or s.path.name in held]
     step = max(1, len(samples) // args.n_cells)
     samples = samples[::step][:args.n_cells]
-    result["cnmc"] = {"images": len(samples), "selection": "held-out test part of the model's split" if held is not None
-                      else "all (the model never saw C-NMC 2019)", "every_kth": step}
+    selection = (f"the {args.part} part of the model's split (held-out subjects)" if held is not None
+                 else "all (the model never saw C-NMC 2019)")
+    result["cnmc"] = {"images": len(samples), "selection": selection, "part": args.part, "every_kth": step}
     per: dict[str, dict[str, list]] = {m: {"mass": [], "peak": [], "del": [], "ins": [], "sec": [], "win": [],
                                            "morf": [], "lerf": [], "win_road": []}
                                        for m in [*methods, REFERENCE, "random"]}
@@ -344,6 +346,9 @@ def main() -> None:
     p.add_argument("--road-percentiles", type=int, nargs="+", default=list(ROAD_PERCENTILES),
                    help="shares of the pixels ROAD removes, in percent")
     p.add_argument("--no-road", action="store_true", help="skip ROAD (it solves one sparse system per point)")
+    p.add_argument("--part", choices=("test", "val"), default="test",
+                   help="which part of the model's split the C-NMC cells come from: val to choose between runs "
+                        "(e.g. seeds) without looking at the test cells, test to report")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None)
