@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
+from leukoscope.evaluate.metrics import binary_metrics
 from leukoscope.models import load_model
 from leukoscope.preprocess.background import replace_background
 
@@ -32,12 +33,6 @@ from leukoscope.preprocess.background import replace_background
 def heldout_cells(model_path: Path, names: set[str]) -> list[str]:
     parts = json.loads((model_path / "split.json").read_text())["parts"]
     return sorted({Path(p).name for q in ("val", "test") for p in parts[q]} & names)
-
-
-def scores(y: np.ndarray, p: np.ndarray) -> dict:
-    return {"n": int(len(y)), "n_healthy": int((~y).sum()), "accuracy": float(((p >= 0.5) == y).mean()),
-            "sensitivity": float((p[y] >= 0.5).mean()), "specificity": float((p[~y] < 0.5).mean()),
-            "auc": float(roc_auc_score(y, p))}
 
 
 def paired(y: np.ndarray, base: np.ndarray, other: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -87,7 +82,7 @@ def main() -> None:
     for variant, ims in variants.items():
         probs = [m.predict_arrays(ims)[:, m.classes.index("leukemic")] for m in models]
         for name, m, p in zip(args.models, models, probs, strict=True):
-            r = scores(y, p)
+            r = binary_metrics(y, p)  # leukemic positive at p >= 0.5, AUC with its own bootstrap CI
             if m is not models[0]:
                 r["vs_first"] = paired(y, probs[0], p)
             out["results"].setdefault(name, {})[variant] = r
