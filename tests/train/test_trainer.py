@@ -71,7 +71,8 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_model_d
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "leukoscope", "train", "--no-progress", "--out", str(out), "--set", "name=ddp", "datasets=all_idb2",
-           "epochs=2", "aug_views=1", "batch_size=32"]
+           "epochs=2", "aug_views=1", "batch_size=32",
+           "device=cpu"]  # gloo on CPU also on a machine with a GPU
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = json.loads((out / "metrics.json").read_text())["training"]["ddp"]

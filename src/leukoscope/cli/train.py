@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.train.trainer import train
 
     out = args.out or os.path.join("runs", cfg.name)
-    with distributed_context() as rank:
+    with distributed_context(cfg.device) as rank:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
         if rank == 0:
             pi = result.metrics["per_image"]

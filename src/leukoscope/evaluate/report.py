@@ -197,6 +197,15 @@ def html_report(r: dict, out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _trained_on(t: dict, seconds: float | None) -> str:
+    where = f"CUDA ({t.get('gpu') or 'GPU'}{', mixed precision' if t.get('amp') else ', float32'})" \
+        if t.get("device") == "cuda" else "CPU"
+    procs = f", {t['world_size']} processes (DDP)" if t.get("world_size", 1) > 1 else ""
+    took = f" in {seconds:.0f} s of training" if seconds is not None else ""
+    return (f"- Trained on {where}{procs}{took}, PyTorch {t.get('torch', '?')}. Retraining from the same config on "
+            "other hardware gives other weights (floating-point order differs), as another seed would.")
+
+
 def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
     """MODEL_CARD.md: data seen, split, metrics with CIs, intended use, limits."""
     sizes = {k: len(v) for k, v in split.parts.items()}
@@ -215,6 +224,7 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         f"- Trained: the backbone's last {info['spec']['trainable_stages']} stage(s) and the head"
         + (" on cached stem features" if cfg.cache_stem else "")
         + f"; {info.get('n_parameters', '')} parameters in all.",
+        *([_trained_on(info["trained_on"], info.get("trained_seconds"))] if info.get("trained_on") else []),
         f"- Temperature {info['temperature']:.3f} fitted on the validation split. "
         f"Grad-CAM layer `{info['target_layer']}`.",
         *([f"- Trained on {len(info['spec']['subclasses'])} subclasses (`subclasses: {cfg.subclasses}`: "

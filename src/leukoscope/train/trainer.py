@@ -104,16 +104,31 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def training_device(name: str) -> torch.device:
+    """The device ``device: name`` trains on: ``auto`` takes CUDA when a GPU is visible; ``cuda`` without one is an
+    error, not a silent CPU run."""
+    if name not in DEVICES:
+        raise ValueError(f"Unknown device {name!r}. Available: {list(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but PyTorch sees no CUDA GPU (torch.cuda.is_available() is "
+                         "False); use device: auto or cpu, or install a CUDA build of PyTorch")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
     """Train a model as ``cfg`` says and write its model directory to ``out``."""
     if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
         raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     check_source_weights(cfg.source_weights, cfg.datasets)
+    training_device(cfg.device)  # a bad device fails here, before minutes of data loading
     rank, world = _dist_info()
     out = Path(out)
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = training_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -321,6 +336,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         "preprocess": pre.to_dict(), "temperature": temperature, "target_layer": net.target_layer,
         "weights_source": weights_source, "datasets": list(cfg.datasets), "best_epoch": int(best["epoch"]),
         "trained_seconds": round(time.time() - t0, 1),
+        "trained_on": {"device": device.type, "amp": bool(cfg.amp and device.type == "cuda"), "world_size": world,
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                       "torch": torch.__version__},
     }
     metrics: dict = {}
     if rank == 0:
