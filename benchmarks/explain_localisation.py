@@ -47,7 +47,16 @@ from scipy import ndimage
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.explain import METHODS, gradcam_array
-from leukoscope.explain.faithfulness import ROAD_PERCENTILES, deletion_insertion, model_score_fn, random_map, road
+from leukoscope.explain.faithfulness import (
+    RECORD_FILE,
+    ROAD_PERCENTILES,
+    deletion_insertion,
+    model_score_fn,
+    random_map,
+    record_from_results,
+    road,
+    weights_sha256,
+)
 from leukoscope.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -133,7 +142,8 @@ def run(args: argparse.Namespace) -> dict:
     data_root = Path(args.data_root) if args.data_root else None
     result: dict = {"model": model.name, "model_path": str(model.path), "backend": model.backend,
                     "target_layer": model.target_layer, "methods": methods, "python": platform.python_version(),
-                    "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+                    "torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k != "func"},
+                    "weights_sha256": weights_sha256(model.path), "date": time.strftime("%Y-%m-%d")}
 
     # ---- 1. C-NMC 2019 cells ------------------------------------------------------------------------------------
     cnmc = load_dataset("cnmc2019", root=data_root / "cnmc2019" if data_root else None)
@@ -352,7 +362,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--record", action="store_true",
+                   help=f"also write the faithfulness verdicts into the model directory's {RECORD_FILE} (what "
+                        "`leukoscope explain` tells its reader; test part only)")
+    p.add_argument("--record-from", nargs="+", metavar="RESULTS_JSON",
+                   help=f"no run: write the model's {RECORD_FILE} from earlier results files of the same weights "
+                        "(later files update the methods they measured)")
     args = p.parse_args()
+    if args.record_from:
+        write_record(Path(load_model(args.model).path), [json.loads(Path(f).read_text()) for f in args.record_from])
+        return
     t = time.time()
     res = run(args)
     res["wall_seconds"] = time.time() - t
@@ -362,6 +381,30 @@ def main() -> None:
     print(" " * 40)
     print(table(res))
     print(f"\nwrote {out} ({res['wall_seconds']:.0f} s)")
+    if args.record:
+        write_record(Path(res["model_path"]), [res])
+
+
+def write_record(model_dir: Path, results: list[dict]) -> None:
+    """Merge results (held-out or never-seen C-NMC cells, these weights) into ``model_dir``'s faithfulness record."""
+    sha = weights_sha256(model_dir)
+    path = model_dir / RECORD_FILE
+    rec = json.loads(path.read_text()) if path.is_file() else None
+    for res in results:
+        if Path(res["model_path"]).resolve() != model_dir.resolve():
+            raise SystemExit(f"results of {res['model_path']}, not of {model_dir}")
+        if res.get("weights_sha256", sha) != sha:
+            raise SystemExit(f"results of other weights than {model_dir}/model.safetensors (sha256 differs)")
+        sel = res["cnmc"].get("selection", "")
+        if res["cnmc"].get("part", "test") != "test" or not ("test part" in sel or sel.startswith("all")):
+            raise SystemExit(f"results on {sel!r}: only held-out test cells (or cells the model never saw) go into "
+                             "the record")
+        rec = record_from_results(res, rec, sha)
+    path.write_text(json.dumps(rec, indent=1) + "\n")
+    for name, m in rec["methods"].items():
+        p = m.get("insertion_minus_deletion") or {}
+        print(f"{name:>24}: {p.get('verdict', 'not measured')} ({p.get('mean', float('nan')):+.3f}, n={m['n_cells']})")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from leukoscope.explain.faithfulness import deletion_insertion, random_map, road
+from leukoscope.explain.faithfulness import (
+    deletion_insertion,
+    method_faithfulness,
+    random_map,
+    record_from_results,
+    road,
+    weights_sha256,
+)
 
 
 def _score(batch: np.ndarray) -> np.ndarray:
@@ -70,3 +79,49 @@ def test_road_ranks_the_right_map_first():
 def test_road_rejects_a_map_of_another_size():
     with pytest.raises(ValueError, match="differ in size"):
         road(_texture_score, np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.float32))
+
+
+def _results(model_dir, cis: dict, n: int = 20) -> dict:
+    methods = {name: {"n": n, "mass_in_cell": {"mean": 0.9},
+                      "paired_vs_random": {k: {"mean": (lo + hi) / 2, "ci": [lo, hi], "n": n}
+                                           for k in ("insertion_minus_deletion", "road_combined")}}
+               for name, (lo, hi) in cis.items()}
+    methods["random"] = {"n": n}
+    methods["cell mask (reference)"] = methods[next(iter(cis))]
+    return {"model_path": str(model_dir), "cnmc": {"selection": "the test part", "part": "test", "methods": methods}}
+
+
+def test_faithfulness_record_verdicts_merge_and_go_stale(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights one")
+    sha = weights_sha256(tmp_path)
+    rec = record_from_results(_results(tmp_path, {"gradcam": (0.05, 0.2), "cameras": (-0.1, 0.03),
+                                                  "odd": (-0.3, -0.1)}), None, sha)
+    assert set(rec["methods"]) == {"gradcam", "cameras", "odd"}  # neither the random map nor the reference
+    (tmp_path / "faithfulness.json").write_text(json.dumps(rec))
+    got = {m: method_faithfulness(tmp_path, m)["verdict"] for m in ("gradcam", "cameras", "odd", "scorecam")}
+    assert got == {"gradcam": "passes", "cameras": "inconclusive", "odd": "fails", "scorecam": "not measured"}
+    assert "beats a random map" in method_faithfulness(tmp_path, "gradcam")["note"]
+
+    # a later run of one method updates that method and keeps the others (same weights) ...
+    rec2 = record_from_results(_results(tmp_path, {"cameras": (0.01, 0.1)}), rec, sha)
+    assert rec2["methods"]["cameras"]["insertion_minus_deletion"]["verdict"] == "passes"
+    assert rec2["methods"]["gradcam"] == rec["methods"]["gradcam"]
+    # ... but not entries measured on other weights
+    assert set(record_from_results(_results(tmp_path, {"cameras": (0.01, 0.1)}), rec, "other")["methods"]) \
+        == {"cameras"}
+    # new weights in the directory make the record stale: nothing is claimed
+    (tmp_path / "model.safetensors").write_bytes(b"weights two")
+    stale = method_faithfulness(tmp_path, "gradcam")
+    assert stale["verdict"] == "not measured" and "other weights" in stale["note"]
+
+
+def test_shipped_model_record_is_of_its_weights_and_its_default_method_passes():
+    from leukoscope.explain import METHODS
+    from leukoscope.models import resolve_model_dir
+
+    d = resolve_model_dir("leukemia-cell")
+    rec = json.loads((d / "faithfulness.json").read_text())
+    assert rec["weights_sha256"] == weights_sha256(d)  # re-record after retraining (explain_localisation --record)
+    assert set(rec["methods"]) == set(METHODS.names())
+    gc = method_faithfulness(d, "gradcam")
+    assert gc["verdict"] == "passes" and gc["n_cells"] >= 50

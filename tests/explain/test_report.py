@@ -45,6 +45,9 @@ def test_write_explanations_files_and_index(cnn_model, cnmc_paths, tmp_path):
     assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 6  # thumbnails embedded: works offline
     assert not re.search(r'(src|href)="https?:', page)
     assert "sortBy(4,true)" in page  # sortable by confidence
+    # a model without a faithfulness record says so, in every JSON and on the page
+    assert all(r["faithfulness"]["verdict"] == "not measured" for r in ok)
+    assert re.search(r'class="note warn" id=faithfulness>[^<]*not measured', page)
     # rows come sorted by confidence, highest first
     confs = [float(v) for v in re.findall(r'<td data-v="([0-9.]+)">', page)]
     assert confs == sorted(confs, reverse=True) and len(confs) == 3
@@ -72,6 +75,20 @@ def test_cli_explain_exit_status_and_outputs(cnn_model, cnmc_paths, tmp_path, ca
     args = parse_args(["explain", str(tmp_path / "nothing*.png"), "--model", str(model_dir), "--out",
                        str(tmp_path / "out2"), "--backend", "torch"])
     assert args.func(args) == 2
+
+
+def test_cli_explain_tells_whether_the_method_is_faithful_on_the_shipped_model(cnmc_paths, tmp_path, capsys):
+    # the shipped leukemia-cell carries its measured verdicts (faithfulness.json): Grad-CAM passes, cameras does not
+    cell = str(cnmc_paths[0])
+    for method, warned in (("gradcam", False), ("cameras", True)):
+        args = parse_args(["explain", cell, "--method", method, "--out", str(tmp_path / method), "--no-progress"])
+        assert args.func(args) == 0
+        err = capsys.readouterr().err
+        assert ("note: on 50 held-out cells, cameras does not clearly beat a random map" in err) is warned, err
+        rec = json.loads((tmp_path / method / f"{cnmc_paths[0].stem}.json").read_text())
+        assert rec["faithfulness"]["verdict"] == ("inconclusive" if warned else "passes")
+        page = (tmp_path / method / "index.html").read_text()
+        assert ('class="note warn" id=faithfulness' in page) is warned
 
 
 def test_cli_method_names_match_the_registry():

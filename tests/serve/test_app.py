@@ -112,6 +112,7 @@ def test_explain_returns_prediction_and_heatmap(client, served_models, cell_path
     ref = explain(rgb, model=served_models["main"])
     np.testing.assert_allclose(heat / 255.0, ref.heatmap, atol=1 / 255 + 1e-6)
     assert got["hottest_region"]["bbox"] == ref.region["bbox"] and got["method"] == "gradcam"
+    assert got["faithfulness"] == ref.faithfulness and got["faithfulness"]["verdict"]  # the model's record, as is
     assert not np.array_equal(overlay, rgb)  # the heat really is blended in
     assert _decode(got["figure"]).shape[0] > rgb.shape[0]  # a caption strip above the image
     r = _post(client, path, "/v1/explain", method="scorecam")

@@ -48,6 +48,11 @@ def main(args: argparse.Namespace) -> int:
     records = write_explanations(model, args.paths, args.out, method=args.method, target_class=target,
                                  layer=args.layer, html_report=not args.no_html,
                                  progress=not args.no_progress and sys.stderr.isatty())
+    from leukoscope.explain.faithfulness import method_faithfulness
+
+    faith = method_faithfulness(model.path, args.method)
+    if faith["verdict"] != "passes":  # the reader should know before trusting the maps
+        print(f"leukoscope explain: note: {faith['note']}", file=sys.stderr)
     n_bad = report_failures(records)
     n_ok = len(records) - n_bad
     print(f"explained {n_ok} image(s) into {args.out}" + (f"; {n_bad} input(s) unreadable" if n_bad else ""),

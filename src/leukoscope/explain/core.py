@@ -13,6 +13,7 @@ import torch
 
 from leukoscope.data.images import read_image
 from leukoscope.explain.cam import CAM, Method, explain_tensor, get_method, resolve_layer
+from leukoscope.explain.faithfulness import method_faithfulness
 from leukoscope.explain.overlay import render_overlay
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
@@ -230,6 +231,9 @@ class Explanation:
         overlay: RGB uint8, the heatmap blended on the image at its resolution, plus a caption and a colour bar.
         region: the hottest region (see :func:`hottest_region`).
         model: the model's name; source: the image's path, or ``<array>``.
+        faithfulness: what the model directory's faithfulness record says of the method (``verdict``: passes /
+            fails / inconclusive / not measured, and a ``note`` for the reader; see
+            :func:`leukoscope.explain.faithfulness.method_faithfulness`).
     """
 
     label: str
@@ -244,6 +248,7 @@ class Explanation:
     region: dict
     model: str
     source: str = "<array>"
+    faithfulness: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Everything but the arrays, JSON-ready."""
@@ -251,7 +256,7 @@ class Explanation:
         return {"path": self.source, "image_size": [w, h], "label": self.label, "confidence": self.confidence,
                 "probabilities": self.probabilities, "explained_class": self.explained_class, "method": self.method,
                 "method_title": self.method_title, "target_layer": self.target_layer, "hottest_region": self.region,
-                "model": self.model}
+                "model": self.model, "faithfulness": self.faithfulness}
 
 
 def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | None = DEFAULT_MODEL,
@@ -284,4 +289,4 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     overlay = render_overlay(rgb, heat, caption=caption, bbox=region["bbox"])
     probs = {c: float(p) for c, p in zip(model.classes, proba, strict=True)}
     return Explanation(label, conf, probs, model.classes[k], m.name, m.title, layer_name, heat, overlay, region,
-                       model.name, source)
+                       model.name, source, method_faithfulness(model.path, m.name))

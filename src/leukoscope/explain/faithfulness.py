@@ -15,7 +15,11 @@ probability should stay: high is better).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -130,3 +134,85 @@ def model_score_fn(model: LoadedModel, target: int, batch_size: int = 32) -> Cal
         return np.concatenate(out)
 
     return score
+
+
+# ---- the faithfulness record a model directory carries ------------------------------------------------------------
+RECORD_FILE = "faithfulness.json"
+PRIMARY = "insertion_minus_deletion"
+SECONDARY = "road_combined"
+SCORE_TITLES = {PRIMARY: "insertion - deletion (Petsiuk et al.)", SECONDARY: "ROAD combined, (LeRF - MoRF) / 2"}
+
+
+def verdict(diff: dict | None) -> str:
+    """``passes`` when the 95 % CI of (method - random map) on the same images lies above 0, ``fails`` when it lies
+    below, else ``inconclusive``; ``not measured`` without a measurement."""
+    if not diff or diff.get("ci") is None:
+        return "not measured"
+    lo, hi = diff["ci"]
+    return "passes" if lo > 0 else "fails" if hi < 0 else "inconclusive"
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(model_dir) -> str | None:
+    """sha256 of the directory's ``model.safetensors`` (what a record is tied to), None without one."""
+    f = Path(model_dir) / "model.safetensors"
+    return _sha256(str(f), f.stat().st_mtime_ns) if f.is_file() else None
+
+
+def record_from_results(res: dict, previous: dict | None = None, weights: str | None = None) -> dict:
+    """The model directory's faithfulness record from a ``benchmarks/explain_localisation.py`` results dict.
+
+    Per method: the primary score (insertion - deletion, method minus a random map on the same cells, 95 % bootstrap
+    CI) and its verdict, and the secondary score (ROAD combined) likewise. Methods this run did not measure keep their
+    entry from ``previous`` (a run of one slow method updates that method only) when ``previous`` is of the same
+    weights (``weights``: their sha256)."""
+    cn = res["cnmc"]
+    same = previous is not None and previous.get("weights_sha256") == weights
+    methods = dict(previous.get("methods", {})) if same else {}
+    for name, m in cn["methods"].items():
+        paired = m.get("paired_vs_random")
+        if name == "random" or "(reference)" in name or not paired:
+            continue
+        entry = {"n_cells": m["n"], "cells": cn.get("selection", ""), "run": res.get("args", {}),
+                 "date": res.get("date")}
+        for key in (PRIMARY, SECONDARY):
+            d = paired.get(key)
+            entry[key] = None if d is None else {"mean": d["mean"], "ci": d["ci"], "verdict": verdict(d)}
+        entry["mass_in_cell"] = m["mass_in_cell"]["mean"] if isinstance(m.get("mass_in_cell"), dict) else None
+        methods[name] = entry
+    return {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
+            "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
+                    "same cells) lies above 0; measured on C-NMC cells on black",
+            "benchmark": "benchmarks/explain_localisation.py", "methods": methods}
+
+
+def method_faithfulness(model_dir, method: str) -> dict:
+    """What the model directory's record says of ``method``: ``verdict`` (``passes`` / ``fails`` / ``inconclusive`` /
+    ``not measured``), the primary score, the secondary, and a sentence for a reader."""
+    path = Path(model_dir) / RECORD_FILE if model_dir else None
+    rec = json.loads(path.read_text()) if path and path.is_file() else None
+    if rec is not None and rec.get("weights_sha256") != weights_sha256(model_dir):
+        return {"verdict": "not measured", "method": method,
+                "note": f"{RECORD_FILE} in this model directory was measured on other weights; rerun "
+                        "benchmarks/explain_localisation.py --record"}
+    entry = (rec or {}).get("methods", {}).get(method)
+    if entry is None:
+        return {"verdict": "not measured", "method": method,
+                "note": f"the faithfulness of {method} has not been measured for this model "
+                        "(benchmarks/explain_localisation.py --record)"}
+    p, s = entry.get(PRIMARY), entry.get(SECONDARY)
+    v = p["verdict"] if p else "not measured"
+    what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
+    note = (f"on {entry['n_cells']} held-out cells, {method} {what} a random map by insertion - deletion "
+            f"({p['mean']:+.3f}, 95 % CI {p['ci'][0]:+.3f} to {p['ci'][1]:+.3f})" if p else "no primary score")
+    if s:
+        note += f"; ROAD combined {s['mean']:+.3f} ({s['verdict']})"
+    return {"verdict": v, "method": method, "primary": p, "secondary": s, "n_cells": entry["n_cells"], "note": note}

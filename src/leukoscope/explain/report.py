@@ -20,6 +20,7 @@ import numpy as np
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError
 from leukoscope.explain.core import as_model, explain
+from leukoscope.explain.faithfulness import method_faithfulness
 from leukoscope.explain.overlay import blend
 from leukoscope.models.modeldir import LoadedModel
 
@@ -108,6 +109,7 @@ th.sort:after{content:" \\2195";color:#999} img{display:block;max-width:160px;ma
 .bar{background:#eee;width:160px;height:12px;border-radius:3px;overflow:hidden}
 .bar>div{height:100%;background:#3465a4} .probs{font-size:.85rem;color:#444} .err{color:#a40000}
 .note{font-size:.85rem;color:#555;max-width:60rem}
+.warn{color:#8a4b00;background:#fff4e0;padding:.3rem .5rem;border-left:3px solid #e0a030}
 """
 
 _JS = """
@@ -146,6 +148,10 @@ def index_html(records: list[dict], thumbs: dict[int, tuple[str, str]], model: L
     fails = "".join(f"<li><code>{html.escape(str(r['path']))}</code>: {html.escape(str(r['error']))}</li>" for r in bad)
     title = f"leukoscope explanations: {html.escape(model.name)}"
     method_title = html.escape(ok[0][1]["method_title"]) if ok else html.escape(method)
+    faith = method_faithfulness(model.path, ok[0][1]["method"] if ok else method)
+    faith_cls = "note" if faith["verdict"] == "passes" else "note warn"
+    faith_html = (f"<p class=\"{faith_cls}\" id=faithfulness>Faithfulness of this method on this model "
+                  f"({html.escape(faith['verdict'])}): {html.escape(faith['note'])}.</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
@@ -155,6 +161,7 @@ method {method_title}; {len(ok)} image(s) explained, {len(bad)} unreadable.</div
 <p class=note>Confidence is the model's calibrated probability of its predicted class. The heatmap shows where the
 network's evidence for the explained class lies (red = most); it is not a segmentation and not a diagnosis. A research
 tool: results must be reviewed by a qualified person.</p>
+{faith_html}
 <table id=results data-col=4 data-dir=desc><thead><tr><th class=sort onclick="sortBy(0,false)">image</th>
 <th>original</th><th>heatmap</th>
 <th class=sort onclick="sortBy(3,false)">class</th><th class=sort onclick="sortBy(4,true)">confidence</th>

@@ -137,6 +137,9 @@ class ExplainResponse(PredictResponse):
     method: str
     target_layer: str
     hottest_region: dict[str, Any]
+    faithfulness: dict[str, Any] = Field(
+        default_factory=dict, description="what the model's faithfulness record says of the method: verdict "
+        "(passes / fails / inconclusive / not measured) against a random map, and a note for the reader")
     overlay: EncodedImage = Field(description="the heatmap blended on the image, same size as the image")
     heatmap: EncodedImage = Field(description="the heatmap alone, 8-bit grayscale PNG (255 = peak)")
     figure: EncodedImage = Field(description="the overlay with a caption and a colour bar, for a report")
@@ -534,7 +537,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                 raise HTTPException(422, f"cannot explain {up.filename!r}: {exc}") from exc
             out = {"label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
                    "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
-                   "hottest_region": e.region}
+                   "hottest_region": e.region, "faithfulness": e.faithfulness}
             res = base(name, m, up, rgb) | out
             res["audit_id"] = audit("explain", name, m, up, out, request)
             res["overlay"] = encode_image(blend(rgb, e.heatmap))

@@ -173,6 +173,13 @@
     const region = d.hottest_region ? `; hottest region ${d.hottest_region.bbox.join(", ")}` : "";
     $(".meta", el).textContent = `${d.model} (${d.backend}) \u00b7 ${d.image_size.join("\u00d7")} px` +
       `${d.method ? ` \u00b7 ${d.method}` : ""}${region} \u00b7 audit #${d.audit_id}`;
+    const faith = $(".faithfulness", el);
+    if (faith) {
+      // only a heatmap method that did not pass its faithfulness test on this model gets a visible note
+      const f = d.faithfulness;
+      faith.hidden = !(f && f.verdict && f.verdict !== "passes");
+      faith.textContent = faith.hidden ? "" : `Heatmap caution (${f.verdict}): ${f.note}.`;
+    }
   }
 
   function renderField(entry) {
