@@ -70,6 +70,19 @@ def tta_accuracy(model_dir: Path, samples: list) -> float:
     return float((p.argmax(1) == y).mean())
 
 
+def wrong_crops(model_dir: Path, samples: list) -> list[dict]:
+    """The test crops the fold's model gets wrong at 0.5 (no flips): name, true label, P(leukemic), for error analysis
+    across recipes."""
+    from leukoscope.models import load_model
+
+    model = load_model(model_dir)
+    ok, p, _ = model.predict_paths([s.path for s in samples])
+    label = {s.path: s.label for s in samples}
+    k = model.classes.index("leukemic")
+    return [{"image": q.name, "label": label[q], "p_leukemic": round(float(pq[k]), 4)} for q, pq in zip(ok, p)
+            if model.classes[int(pq.argmax())] != label[q]]
+
+
 def idb2_kfold(k: int, config: Path = ROOT / "configs" / "leukemia-cell.yaml", overrides: dict | None = None,
                val: str = "others") -> dict:
     """``val``: ``others`` validates on 15 % of the aria + C-NMC groups only (the first protocol); ``all`` also on
@@ -111,7 +124,8 @@ def idb2_kfold(k: int, config: Path = ROOT / "configs" / "leukemia-cell.yaml", o
             test_samples = [s for s in idb2.samples if rel[str(s.path)] in set(test)]
             tta = tta_accuracy(Path(tmp) / "m", test_samples)
             per_fold.append({"fold": i, "n": src["n"], "accuracy": src["accuracy"], "accuracy_tta_flips": tta,
-                             "n_val_all_idb2": len(val_idb2), "seconds": round(time.time() - t0)})
+                             "n_val_all_idb2": len(val_idb2), "seconds": round(time.time() - t0),
+                             "wrong": wrong_crops(Path(tmp) / "m", test_samples)})
             print(f"fold {i}: accuracy {src['accuracy']:.4f} on {src['n']} crops (flip TTA {tta:.4f})", flush=True)
     n = [f["n"] for f in per_fold]
     out = {"folds": per_fold, "val": val}
