@@ -50,8 +50,10 @@ from leukoscope.explain import METHODS, gradcam_array
 from leukoscope.explain.faithfulness import (
     RECORD_FILE,
     ROAD_PERCENTILES,
+    _minus,
     deletion_insertion,
     model_score_fn,
+    paired_difference,
     random_map,
     record_from_results,
     road,
@@ -119,20 +121,6 @@ def summary(values: list[float]) -> dict:
     if not len(a):
         return {"mean": float("nan"), "median": float("nan"), "n": 0}
     return {"mean": float(a.mean()), "median": float(np.median(a)), "q10": float(np.quantile(a, 0.1)), "n": int(len(a))}
-
-
-def paired(method: list[float], rnd: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
-    """Mean of (method - random map) over the same images, with a 95 % bootstrap CI over the images."""
-    d = np.asarray(method, np.float64) - np.asarray(rnd[:len(method)], np.float64)
-    if not len(d):
-        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
-    boots = np.random.default_rng(seed).choice(d, (n_boot, len(d))).mean(axis=1)
-    return {"mean": float(d.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "n": int(len(d))}
-
-
-def _minus(a: list[float], b: list[float], scale: float = 1.0) -> list[float]:
-    return [scale * (x - y) for x, y in zip(a, b, strict=True)]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -217,23 +205,23 @@ def run(args: argparse.Namespace) -> dict:
         r["beats_random"] = bool(r["deletion_auc"]["mean"] < rd and r["insertion_auc"]["mean"] > ri)
         # paired differences (method - random) over the same images: deletion / MoRF should be < 0, insertion /
         # LeRF > 0; "clearly" = the whole 95 % CI on the right side of 0
-        r["paired_vs_random"] = {"deletion": paired(per[m]["del"], per["random"]["del"]),
-                                 "insertion": paired(per[m]["ins"], per["random"]["ins"])}
+        r["paired_vs_random"] = {"deletion": paired_difference(per[m]["del"], per["random"]["del"]),
+                                 "insertion": paired_difference(per[m]["ins"], per["random"]["ins"])}
         pv = r["paired_vs_random"]
         r["beats_random_clearly"] = bool(pv["deletion"]["ci"][1] < 0 and pv["insertion"]["ci"][0] > 0)
         # the usual one-number summaries of each pair of curves: insertion - deletion, and ROAD's (LeRF - MoRF) / 2
-        pv["insertion_minus_deletion"] = paired(_minus(per[m]["ins"], per[m]["del"]),
-                                                _minus(per["random"]["ins"], per["random"]["del"]))
+        pv["insertion_minus_deletion"] = paired_difference(_minus(per[m]["ins"], per[m]["del"]),
+                                                           _minus(per["random"]["ins"], per["random"]["del"]))
         r["beats_random_combined_clearly"] = bool(pv["insertion_minus_deletion"]["ci"][0] > 0)
         if pcts:
             rm, rl = np.mean(per["random"]["morf"][:n]), np.mean(per["random"]["lerf"][:n])
             r["random_road_morf_same_images"], r["random_road_lerf_same_images"] = float(rm), float(rl)
             r["beats_random_road"] = bool(r["road_morf"]["mean"] < rm and r["road_lerf"]["mean"] > rl)
-            pv["road_morf"] = paired(per[m]["morf"], per["random"]["morf"])
-            pv["road_lerf"] = paired(per[m]["lerf"], per["random"]["lerf"])
+            pv["road_morf"] = paired_difference(per[m]["morf"], per["random"]["morf"])
+            pv["road_lerf"] = paired_difference(per[m]["lerf"], per["random"]["lerf"])
             r["beats_random_road_clearly"] = bool(pv["road_morf"]["ci"][1] < 0 and pv["road_lerf"]["ci"][0] > 0)
-            pv["road_combined"] = paired(_minus(per[m]["lerf"], per[m]["morf"], 0.5),
-                                         _minus(per["random"]["lerf"], per["random"]["morf"], 0.5))
+            pv["road_combined"] = paired_difference(_minus(per[m]["lerf"], per[m]["morf"], 0.5),
+                                                    _minus(per["random"]["lerf"], per["random"]["morf"], 0.5))
             r["beats_random_road_combined_clearly"] = bool(pv["road_combined"]["ci"][0] > 0)
         r["per_image"] = {k: per[m][k] for k in ("mass", "del", "ins", "morf", "lerf")}
     result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins),

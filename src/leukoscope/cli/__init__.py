@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "predict": "predict",
     "explain": "explain",
+    "faithfulness": "faithfulness",
     "export": "export",
     "compare": "compare",
     "scan": "scan",

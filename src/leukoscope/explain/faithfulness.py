@@ -174,7 +174,7 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
     CI) and its verdict, and the secondary score (ROAD combined) likewise. Methods this run did not measure keep their
     entry from ``previous`` (a run of one slow method updates that method only) when ``previous`` is of the same
     weights (``weights``: their sha256)."""
-    cn = res["cnmc"]
+    cn = res["cnmc"] if "cnmc" in res else res["cells"]
     same = previous is not None and previous.get("weights_sha256") == weights
     methods = dict(previous.get("methods", {})) if same else {}
     for name, m in cn["methods"].items():
@@ -186,12 +186,14 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
         for key in (PRIMARY, SECONDARY):
             d = paired.get(key)
             entry[key] = None if d is None else {"mean": d["mean"], "ci": d["ci"], "verdict": verdict(d)}
-        entry["mass_in_cell"] = m["mass_in_cell"]["mean"] if isinstance(m.get("mass_in_cell"), dict) else None
+        if isinstance(m.get("mass_in_cell"), dict):
+            entry["mass_in_cell"] = m["mass_in_cell"]["mean"]
         methods[name] = entry
     return {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
             "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
-                    "same cells) lies above 0; measured on C-NMC cells on black",
-            "benchmark": "benchmarks/explain_localisation.py", "methods": methods}
+                    "same cells) lies above 0; measured on held-out cells (`cells` of each method says which)",
+            "measured_by": "benchmarks/explain_localisation.py --record, or leukoscope faithfulness --record",
+            "methods": methods}
 
 
 def method_faithfulness(model_dir, method: str) -> dict:
@@ -201,13 +203,13 @@ def method_faithfulness(model_dir, method: str) -> dict:
     rec = json.loads(path.read_text()) if path and path.is_file() else None
     if rec is not None and rec.get("weights_sha256") != weights_sha256(model_dir):
         return {"verdict": "not measured", "method": method,
-                "note": f"{RECORD_FILE} in this model directory was measured on other weights; rerun "
-                        "benchmarks/explain_localisation.py --record"}
+                "note": f"{RECORD_FILE} in this model directory was measured on other weights; measure again "
+                        "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
     entry = (rec or {}).get("methods", {}).get(method)
     if entry is None:
         return {"verdict": "not measured", "method": method,
                 "note": f"the faithfulness of {method} has not been measured for this model "
-                        "(benchmarks/explain_localisation.py --record)"}
+                        "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
     p, s = entry.get(PRIMARY), entry.get(SECONDARY)
     v = p["verdict"] if p else "not measured"
     what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
@@ -216,3 +218,84 @@ def method_faithfulness(model_dir, method: str) -> dict:
     if s:
         note += f"; ROAD combined {s['mean']:+.3f} ({s['verdict']})"
     return {"verdict": v, "method": method, "primary": p, "secondary": s, "n_cells": entry["n_cells"], "note": note}
+
+
+# ---- measuring it on any held-out images ----------------------------------------------------------------------------
+SLOW_METHODS = frozenset({"scorecam"})  # one forward pass per channel of the target layer
+
+
+def paired_difference(method: list[float], rnd: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
+    """Mean of (method - random map) over the same images, with a 95 % bootstrap CI over the images (the random
+    map's list may be longer: its first ``len(method)`` values are used)."""
+    d = np.asarray(method, np.float64) - np.asarray(rnd[:len(method)], np.float64)
+    if not len(d):
+        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
+    boots = np.random.default_rng(seed).choice(d, (n_boot, len(d))).mean(axis=1)
+    return {"mean": float(d.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "n": int(len(d))}
+
+
+def _minus(a: list[float], b: list[float], scale: float = 1.0) -> list[float]:
+    return [scale * (x - y) for x, y in zip(a, b, strict=True)]
+
+
+def measure(model: LoadedModel, images: list[np.ndarray], methods: list[str], steps: int = 16,
+            road_percentiles: tuple[int, ...] | None = ROAD_PERCENTILES, n_slow: int | None = None,
+            progress: bool = False) -> dict:
+    """Deletion / insertion (and ROAD) of each method's map against a random map, on the same images.
+
+    Each image's predicted class is explained; the random map of image ``i`` is :func:`random_map` with seed ``i``
+    (the benchmark's baseline). Returns ``{"n_images", "steps", "road_percentiles", "methods": {name: {"n",
+    "deletion_auc", "insertion_auc", "paired_vs_random": {deletion, insertion, insertion_minus_deletion[, road_morf,
+    road_lerf, road_combined]}}}}`` (the random map under ``random``), the shape
+    :func:`record_from_results` reads.
+
+    Args:
+        images: RGB uint8 arrays, held out from the model's training.
+        methods: registered method names; ``scorecam`` runs on the first ``n_slow`` images only when given.
+        road_percentiles: None or empty skips ROAD (it solves one sparse system per point).
+    """
+    from tqdm import tqdm
+
+    from leukoscope.explain.core import gradcam_array
+
+    pcts = tuple(road_percentiles or ())
+    per = {m: {"del": [], "ins": [], "morf": [], "lerf": []} for m in [*methods, "random"]}
+
+    def add(name: str, score, prepared: np.ndarray, small: np.ndarray, i: int) -> None:
+        f = deletion_insertion(score, prepared, small, steps=steps, seed=i)
+        per[name]["del"].append(f["deletion"])
+        per[name]["ins"].append(f["insertion"])
+        if pcts:
+            r = road(score, prepared, small, percentiles=pcts, seed=i)
+            per[name]["morf"].append(r["morf"])
+            per[name]["lerf"].append(r["lerf"])
+
+    for i, rgb in enumerate(tqdm(images, desc="faithfulness", unit="img", disable=not progress, leave=False)):
+        k = int(model.predict_arrays([rgb])[0].argmax())
+        prepared = model.preprocess.prepare(rgb)
+        score = model_score_fn(model, k)
+        add("random", score, prepared, random_map(model.input_size, seed=i), i)
+        for m in methods:
+            if m in SLOW_METHODS and n_slow is not None and i >= n_slow:
+                continue
+            heat = gradcam_array(model, rgb, target_class=k, method=m)
+            add(m, score, prepared, model.preprocess.to_input(heat, rgb), i)
+
+    rnd = per["random"]
+    out: dict = {}
+    for m, v in per.items():
+        r = {"n": len(v["del"]), "deletion_auc": float(np.mean(v["del"])) if v["del"] else None,
+             "insertion_auc": float(np.mean(v["ins"])) if v["ins"] else None}
+        if m != "random":
+            pv = {"deletion": paired_difference(v["del"], rnd["del"]),
+                  "insertion": paired_difference(v["ins"], rnd["ins"]),
+                  PRIMARY: paired_difference(_minus(v["ins"], v["del"]), _minus(rnd["ins"], rnd["del"]))}
+            if pcts:
+                pv["road_morf"] = paired_difference(v["morf"], rnd["morf"])
+                pv["road_lerf"] = paired_difference(v["lerf"], rnd["lerf"])
+                pv[SECONDARY] = paired_difference(_minus(v["lerf"], v["morf"], 0.5),
+                                                  _minus(rnd["lerf"], rnd["morf"], 0.5))
+            r["paired_vs_random"] = pv
+        out[m] = r
+    return {"n_images": len(images), "steps": steps, "road_percentiles": list(pcts), "methods": out}

@@ -1,0 +1,72 @@
+"""``leukoscope faithfulness``: measures any model on held-out images as the benchmark does, refuses images the model
+trained on, and writes the record that ``leukoscope explain`` then reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from leukoscope.cli import parse_args
+from leukoscope.models import resolve_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks" / "results" / "explain_localisation_leukemia-cell.json"
+
+
+@pytest.fixture(scope="module")
+def shipped_copy(tmp_path_factory) -> Path:
+    """The shipped leukemia-cell in a writable folder, without its faithfulness record."""
+    out = tmp_path_factory.mktemp("model") / "leukemia-cell"
+    shutil.copytree(resolve_model_dir("leukemia-cell"), out, ignore=shutil.ignore_patterns("faithfulness.json"))
+    return out
+
+
+def _heldout_cells(model_dir: Path, data_root: Path, n: int) -> list[Path]:
+    """The benchmark's first ``n`` C-NMC cells: the split's test part in dataset order, every k-th of 50."""
+    from leukoscope.data.datasets import load_dataset
+
+    test = {Path(p).name for p in json.loads((model_dir / "split.json").read_text())["parts"]["test"]}
+    cells = [s.path for s in load_dataset("cnmc2019").samples if s.path.name in test]
+    return cells[::max(1, len(cells) // 50)][:n]
+
+
+def test_faithfulness_matches_the_benchmark_and_records_for_explain(shipped_copy, data_root, tmp_path, capsys):
+    cells = _heldout_cells(shipped_copy, data_root, 6)
+    out = tmp_path / "f.json"
+    args = parse_args(["faithfulness", *map(str, cells), "--model", str(shipped_copy), "--methods", "gradcam",
+                       "occlusion", "--no-road", "--no-progress", "--out", str(out), "--record"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "gradcam" in printed and "insertion - deletion" in printed
+    got = json.loads(out.read_text())["cells"]["methods"]
+    # the same per-image curves as benchmarks/explain_localisation.py on these cells (its committed 50-cell run)
+    bench = json.loads(BENCH.read_text())["cnmc"]
+    for m in ("gradcam", "occlusion"):
+        per = bench["methods"][m]["per_image"]
+        assert got[m]["n"] == 6
+        assert got[m]["deletion_auc"] == pytest.approx(sum(per["del"][:6]) / 6, abs=1e-4)
+        assert got[m]["insertion_auc"] == pytest.approx(sum(per["ins"][:6]) / 6, abs=1e-4)
+    assert got["random"]["deletion_auc"] == pytest.approx(sum(bench["random"]["per_image"]["del"][:6]) / 6, abs=1e-4)
+
+    rec = json.loads((shipped_copy / "faithfulness.json").read_text())
+    assert set(rec["methods"]) == {"gradcam", "occlusion"} and rec["methods"]["gradcam"]["n_cells"] == 6
+    from leukoscope.explain import explain
+
+    e = explain(cells[0], model=str(shipped_copy), method="gradcam")
+    assert e.faithfulness["verdict"] == rec["methods"]["gradcam"]["insertion_minus_deletion"]["verdict"]
+    assert e.faithfulness["n_cells"] == 6
+    assert explain(cells[0], model=str(shipped_copy), method="layercam").faithfulness["verdict"] == "not measured"
+
+
+def test_faithfulness_refuses_images_the_model_trained_on(shipped_copy, data_root, capsys):
+    train = json.loads((shipped_copy / "split.json").read_text())["parts"]["train"]
+    seen = data_root / next(p for p in train if "cnmc2019" in p)
+    before = (shipped_copy / "faithfulness.json").read_text() if (shipped_copy / "faithfulness.json").exists() else None
+    args = parse_args(["faithfulness", str(seen), "--model", str(shipped_copy), "--record", "--no-progress"])
+    assert args.func(args) == 2
+    assert "training or validation split" in capsys.readouterr().err
+    after = (shipped_copy / "faithfulness.json").read_text() if (shipped_copy / "faithfulness.json").exists() else None
+    assert after == before  # nothing measured, nothing recorded
