@@ -71,6 +71,8 @@ def test_upload_cell_shows_api_answer_and_toggles_heatmap(page, live_server, cel
     assert float(card.get_attribute("data-confidence")) == pytest.approx(api["confidence"], abs=1e-6)
     assert float(card.locator(".bar").get_attribute("aria-valuenow")) == pytest.approx(100 * api["confidence"],
                                                                                       abs=0.06)
+    # Grad-CAM passes its faithfulness test on the shipped model: no caution on the card
+    assert card.locator(".faithfulness").is_hidden()
     # The heatmap is shown first; the toggle switches to the plain image and back.
     img = card.locator("img.view")
     toggle = card.locator(".heatmap-toggle")
@@ -97,6 +99,31 @@ def test_upload_cell_shows_api_answer_and_toggles_heatmap(page, live_server, cel
         page.click("#download-html")
     html = open(dl.value.path(), encoding="utf-8").read()
     assert path.name in html and api["label"] in html and "data:image/png;base64," in html
+
+
+def test_heatmap_caution_shows_when_the_method_did_not_pass(page, live_server, cell_paths):
+    """The API's faithfulness verdict, turned to one that did not pass on its way to the page, becomes a visible
+    caution with the note (the shipped model's Grad-CAM passes, so the real answer shows none)."""
+    import json
+
+    path = cell_paths[0]
+
+    def inconclusive(route):
+        # the real answer for the uploaded file, fetched here (Playwright does not pass a multipart upload on)
+        resp = httpx.post(live_server + "/v1/explain", files={"file": (path.name, path.read_bytes(), "image/tiff")},
+                          data={"model": "main", "include_image": "true"}, timeout=60)
+        body = resp.json()
+        body["faithfulness"] = {**body["faithfulness"], "verdict": "inconclusive", "note": "on 50 held-out cells, "
+                                "this method does not clearly beat a random map"}
+        route.fulfill(status=resp.status_code, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/explain*", inconclusive)
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function(ALL_SETTLED, timeout=60_000)
+    caution = page.locator(".result").first.locator(".faithfulness")
+    assert caution.is_visible()
+    assert caution.inner_text() == ("Heatmap caution (inconclusive): on 50 held-out cells, this method does not "
+                                    "clearly beat a random map.")
 
 
 def test_bad_file_shows_error_and_page_keeps_working(page, cell_paths, tmp_path, console_errors):
