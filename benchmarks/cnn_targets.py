@@ -70,17 +70,17 @@ def tta_accuracy(model_dir: Path, samples: list) -> float:
     return float((p.argmax(1) == y).mean())
 
 
-def wrong_crops(model_dir: Path, samples: list) -> list[dict]:
-    """The test crops the fold's model gets wrong at 0.5 (no flips): name, true label, P(leukemic), for error analysis
-    across recipes."""
+def crop_predictions(model_dir: Path, samples: list) -> list[dict]:
+    """Every test crop of the fold (no flips): name, true label, P(leukemic), and whether 0.5 gets it wrong; for error
+    analysis across recipes (and what averaging two recipes would give)."""
     from leukoscope.models import load_model
 
     model = load_model(model_dir)
     ok, p, _ = model.predict_paths([s.path for s in samples])
     label = {s.path: s.label for s in samples}
     k = model.classes.index("leukemic")
-    return [{"image": q.name, "label": label[q], "p_leukemic": round(float(pq[k]), 4)} for q, pq in zip(ok, p)
-            if model.classes[int(pq.argmax())] != label[q]]
+    return [{"image": q.name, "label": label[q], "p_leukemic": round(float(pq[k]), 4),
+             "wrong": model.classes[int(pq.argmax())] != label[q]} for q, pq in zip(ok, p)]
 
 
 def idb2_kfold(k: int, config: Path = ROOT / "configs" / "leukemia-cell.yaml", overrides: dict | None = None,
@@ -125,7 +125,7 @@ def idb2_kfold(k: int, config: Path = ROOT / "configs" / "leukemia-cell.yaml", o
             tta = tta_accuracy(Path(tmp) / "m", test_samples)
             per_fold.append({"fold": i, "n": src["n"], "accuracy": src["accuracy"], "accuracy_tta_flips": tta,
                              "n_val_all_idb2": len(val_idb2), "seconds": round(time.time() - t0),
-                             "wrong": wrong_crops(Path(tmp) / "m", test_samples)})
+                             "crops": crop_predictions(Path(tmp) / "m", test_samples)})
             print(f"fold {i}: accuracy {src['accuracy']:.4f} on {src['n']} crops (flip TTA {tta:.4f})", flush=True)
     n = [f["n"] for f in per_fold]
     out = {"folds": per_fold, "val": val}
