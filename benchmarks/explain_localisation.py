@@ -50,8 +50,8 @@ from leukoscope.explain import METHODS, gradcam_array
 from leukoscope.explain.faithfulness import (
     RECORD_FILE,
     ROAD_PERCENTILES,
-    _minus,
     deletion_insertion,
+    differences,
     model_score_fn,
     paired_difference,
     random_map,
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> dict:
         pv = r["paired_vs_random"]
         r["beats_random_clearly"] = bool(pv["deletion"]["ci"][1] < 0 and pv["insertion"]["ci"][0] > 0)
         # the usual one-number summaries of each pair of curves: insertion - deletion, and ROAD's (LeRF - MoRF) / 2
-        pv["insertion_minus_deletion"] = paired_difference(_minus(per[m]["ins"], per[m]["del"]),
-                                                           _minus(per["random"]["ins"], per["random"]["del"]))
+        pv["insertion_minus_deletion"] = paired_difference(differences(per[m]["ins"], per[m]["del"]),
+                                                           differences(per["random"]["ins"], per["random"]["del"]))
         r["beats_random_combined_clearly"] = bool(pv["insertion_minus_deletion"]["ci"][0] > 0)
         if pcts:
             rm, rl = np.mean(per["random"]["morf"][:n]), np.mean(per["random"]["lerf"][:n])
@@ -220,8 +220,8 @@ def run(args: argparse.Namespace) -> dict:
             pv["road_morf"] = paired_difference(per[m]["morf"], per["random"]["morf"])
             pv["road_lerf"] = paired_difference(per[m]["lerf"], per["random"]["lerf"])
             r["beats_random_road_clearly"] = bool(pv["road_morf"]["ci"][1] < 0 and pv["road_lerf"]["ci"][0] > 0)
-            pv["road_combined"] = paired_difference(_minus(per[m]["lerf"], per[m]["morf"], 0.5),
-                                                    _minus(per["random"]["lerf"], per["random"]["morf"], 0.5))
+            pv["road_combined"] = paired_difference(differences(per[m]["lerf"], per[m]["morf"], 0.5),
+                                                    differences(per["random"]["lerf"], per["random"]["morf"], 0.5))
             r["beats_random_road_combined_clearly"] = bool(pv["road_combined"]["ci"][0] > 0)
         r["per_image"] = {k: per[m][k] for k in ("mass", "del", "ins", "morf", "lerf")}
     result["cnmc"]["random"] = {"deletion_auc": float(rnd_del), "insertion_auc": float(rnd_ins),

@@ -196,11 +196,16 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
             "methods": methods}
 
 
+@functools.lru_cache(maxsize=16)
+def _read_record(path: str, mtime_ns: int) -> dict:  # read once per version of the file, not per explained image
+    return json.loads(Path(path).read_text())
+
+
 def method_faithfulness(model_dir, method: str) -> dict:
     """What the model directory's record says of ``method``: ``verdict`` (``passes`` / ``fails`` / ``inconclusive`` /
     ``not measured``), the primary score, the secondary, and a sentence for a reader."""
     path = Path(model_dir) / RECORD_FILE if model_dir else None
-    rec = json.loads(path.read_text()) if path and path.is_file() else None
+    rec = _read_record(str(path), path.stat().st_mtime_ns) if path and path.is_file() else None
     if rec is not None and rec.get("weights_sha256") != weights_sha256(model_dir):
         return {"verdict": "not measured", "method": method,
                 "note": f"{RECORD_FILE} in this model directory was measured on other weights; measure again "
@@ -210,7 +215,7 @@ def method_faithfulness(model_dir, method: str) -> dict:
         return {"verdict": "not measured", "method": method,
                 "note": f"the faithfulness of {method} has not been measured for this model "
                         "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
-    p, s = entry.get(PRIMARY), entry.get(SECONDARY)
+    p, s = (dict(x) if x else None for x in (entry.get(PRIMARY), entry.get(SECONDARY)))  # copies: the record is cached
     v = p["verdict"] if p else "not measured"
     what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
     note = (f"on {entry['n_cells']} held-out cells, {method} {what} a random map by insertion - deletion "
@@ -235,7 +240,8 @@ def paired_difference(method: list[float], rnd: list[float], seed: int = 0, n_bo
             "n": int(len(d))}
 
 
-def _minus(a: list[float], b: list[float], scale: float = 1.0) -> list[float]:
+def differences(a: list[float], b: list[float], scale: float = 1.0) -> list[float]:
+    """``scale * (a_i - b_i)`` per image: one number per pair of curves (insertion - deletion, ROAD combined)."""
     return [scale * (x - y) for x, y in zip(a, b, strict=True)]
 
 
@@ -290,12 +296,12 @@ def measure(model: LoadedModel, images: list[np.ndarray], methods: list[str], st
         if m != "random":
             pv = {"deletion": paired_difference(v["del"], rnd["del"]),
                   "insertion": paired_difference(v["ins"], rnd["ins"]),
-                  PRIMARY: paired_difference(_minus(v["ins"], v["del"]), _minus(rnd["ins"], rnd["del"]))}
+                  PRIMARY: paired_difference(differences(v["ins"], v["del"]), differences(rnd["ins"], rnd["del"]))}
             if pcts:
                 pv["road_morf"] = paired_difference(v["morf"], rnd["morf"])
                 pv["road_lerf"] = paired_difference(v["lerf"], rnd["lerf"])
-                pv[SECONDARY] = paired_difference(_minus(v["lerf"], v["morf"], 0.5),
-                                                  _minus(rnd["lerf"], rnd["morf"], 0.5))
+                pv[SECONDARY] = paired_difference(differences(v["lerf"], v["morf"], 0.5),
+                                                  differences(rnd["lerf"], rnd["morf"], 0.5))
             r["paired_vs_random"] = pv
         out[m] = r
     return {"n_images": len(images), "steps": steps, "road_percentiles": list(pcts), "methods": out}

@@ -123,12 +123,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
         raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     check_source_weights(cfg.source_weights, cfg.datasets)
-    training_device(cfg.device)  # a bad device fails here, before minutes of data loading
+    device = training_device(cfg.device)  # a bad device fails here, before minutes of data loading
     rank, world = _dist_info()
     out = Path(out)
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = training_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
