@@ -387,7 +387,7 @@ def write_record(model_dir: Path, results: list[dict]) -> None:
         if res["cnmc"].get("part", "test") != "test" or not ("test part" in sel or sel.startswith("all")):
             raise SystemExit(f"results on {sel!r}: only held-out test cells (or cells the model never saw) go into "
                              "the record")
-        rec = record_from_results(res, rec, sha)
+        rec = record_from_results(res, rec, sha, kind="cutout", title="C-NMC 2019 cells cut out onto black")
     path.write_text(json.dumps(rec, indent=1) + "\n")
     for name, m in rec["methods"].items():
         p = m.get("insertion_minus_deletion") or {}

@@ -70,3 +70,38 @@ def test_faithfulness_refuses_images_the_model_trained_on(shipped_copy, data_roo
     assert "training or validation split" in capsys.readouterr().err
     after = (shipped_copy / "faithfulness.json").read_text() if (shipped_copy / "faithfulness.json").exists() else None
     assert after == before  # nothing measured, nothing recorded
+
+
+def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, tmp_path, capsys):
+    model = tmp_path / "leukemia-cell"
+    shutil.copytree(resolve_model_dir("leukemia-cell"), model)  # with the shipped record (main set: C-NMC cells)
+    before = json.loads((model / "faithfulness.json").read_text())
+    test = json.loads((model / "split.json").read_text())["parts"]["test"]
+    crops = [data_root / p for p in test if "ALL_IDB2" in p][:3]
+    out = tmp_path / "crops.json"
+    args = parse_args(["faithfulness", *map(str, crops), "--model", str(model), "--methods", "gradcam", "--no-road",
+                       "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
+    assert json.loads(out.read_text())["kind"] == "smear"
+    assert json.loads((model / "faithfulness.json").read_text()) == before  # no --record: nothing written
+    capsys.readouterr()
+
+    args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), "--record", "--image-set",
+                       "my-crops", "--title", "ALL-IDB2 test crops"])
+    assert args.func(args) == 0
+    assert "gradcam" in capsys.readouterr().out  # the earlier run's table, not measured again
+    rec = json.loads((model / "faithfulness.json").read_text())
+    assert rec["methods"] == before["methods"]  # the main set is untouched
+    mine = rec["image_sets"]["my-crops"]
+    assert mine["kind"] == "smear" and mine["title"] == "ALL-IDB2 test crops"
+    assert set(mine["methods"]) == {"gradcam"} and mine["methods"]["gradcam"]["n_cells"] == 3
+
+    from leukoscope.explain import explain
+
+    f = explain(crops[0], model=str(model), method="gradcam").faithfulness
+    assert f["kind"] == "smear" and "on 3 held-out ALL-IDB2 test crops, gradcam" in f["note"]
+    # the results of other weights are refused
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), "--record"])
+    assert args.func(args) == 2
+    assert "other weights" in capsys.readouterr().err

@@ -84,7 +84,8 @@ def test_cli_explain_tells_whether_the_method_is_faithful_on_the_shipped_model(c
         args = parse_args(["explain", cell, "--method", method, "--out", str(tmp_path / method), "--no-progress"])
         assert args.func(args) == 0
         err = capsys.readouterr().err
-        assert ("note: on 50 held-out cells, cameras does not clearly beat a random map" in err) is warned, err
+        assert ("note: on 50 held-out C-NMC 2019 cells cut out onto black, cameras does not clearly beat a random map"
+                in err) is warned, err
         rec = json.loads((tmp_path / method / f"{cnmc_paths[0].stem}.json").read_text())
         assert rec["faithfulness"]["verdict"] == ("inconclusive" if warned else "passes")
         page = (tmp_path / method / "index.html").read_text()

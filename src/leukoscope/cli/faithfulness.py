@@ -1,5 +1,6 @@
-"""``leukoscope faithfulness PATH... [--model M] [--methods ...] [--record]``: do the heatmaps of this model point at
-what it uses? Deletion / insertion (and ROAD) of each method's map against a random map on held-out images."""
+"""``leukoscope faithfulness PATH... [--model M] [--methods ...] [--record [--image-set NAME --title T]]``: do the
+heatmaps of this model point at what it uses? Deletion / insertion (and ROAD) of each method's map against a random
+map on held-out images. ``--from RESULTS.json`` records (or prints) an earlier run's ``--out`` without measuring."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "occlusion")
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("faithfulness", help="measure each heatmap method against a random map on held-out images "
                                             "(and record the verdicts in the model directory)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
+    p.add_argument("paths", nargs="*", metavar="PATH",
                    help="held-out images (files, folders or globs); none may be in the model's training split")
+    p.add_argument("--from", dest="from_results", default=None, metavar="RESULTS_JSON",
+                   help="instead of measuring, take an earlier run's --out file (same model weights, checked)")
     p.add_argument("--model", default=None, help="shipped model name or model directory (default: leukemia-cell)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHOD_NAMES,
                    help=f"default: {' '.join(DEFAULT_METHODS)} (scorecam and cameras are slow on a CPU)")
@@ -30,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true",
                    help="write the verdicts into the model directory's faithfulness.json, which `leukoscope explain` "
                         "reports with every heatmap (needs a writable model directory)")
+    p.add_argument("--image-set", default=None, metavar="NAME",
+                   help="with --record: record these images as a further image set NAME (kept beside the main set "
+                        "and the other sets; without it they replace the main set's methods)")
+    p.add_argument("--title", default="", help="with --record: what the images are, in words (e.g. 'ALL-IDB2 smear "
+                                               "crops'), shown in the note with every heatmap")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p
@@ -59,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
         PRIMARY,
         ROAD_PERCENTILES,
         SECONDARY,
+        image_kind,
+        images_kind,
         measure,
         record_from_results,
         verdict,
@@ -68,36 +78,60 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.predict import collect_paths
 
     model = load_model(args.model)
-    files, problems = collect_paths(args.paths)
-    for p, reason in problems:
-        print(f"leukoscope faithfulness: {p}: {reason}", file=sys.stderr)
-    seen = seen_in_training(Path(model.path), files)
-    if seen:
-        print(f"leukoscope faithfulness: {len(seen)} of the images are in {model.name}'s training or validation "
-              f"split (e.g. {seen[0]}); measure on held-out images only", file=sys.stderr)
-        return 2
-    if args.max_images and len(files) > args.max_images:
-        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, args.max_images).round()]
-    images, used = [], []
-    for f in files:
-        try:
-            images.append(read_image(f))
-            used.append(str(f))
-        except ImageReadError as exc:
-            print(f"leukoscope faithfulness: cannot read {f}: {exc.reason}", file=sys.stderr)
-    if not images:
-        print("leukoscope faithfulness: no readable image", file=sys.stderr)
-        return 2
-    t0 = time.time()
-    res = measure(model, images, list(args.methods), steps=args.steps,
-                  road_percentiles=None if args.no_road else ROAD_PERCENTILES, n_slow=args.n_slow,
-                  progress=not args.no_progress and sys.stderr.isatty())
-    result = {"model": model.name, "model_path": str(model.path), "weights_sha256": sha_of(model.path),
-              "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "func"},
-              "wall_seconds": round(time.time() - t0, 1),
-              "cells": {**res, "selection": f"{len(images)} held-out image(s) given to leukoscope faithfulness",
-                        "part": "test", "images": used}}
-    print(f"{model.name}: {len(images)} image(s), method minus random map, mean [95 % CI]; verdict on "
+    if args.from_results:
+        if args.paths:
+            print("leukoscope faithfulness: give images or --from, not both", file=sys.stderr)
+            return 2
+        result = json.loads(Path(args.from_results).read_text())
+        if result.get("weights_sha256") != sha_of(model.path):
+            print(f"leukoscope faithfulness: {args.from_results} was measured on other weights than "
+                  f"{model.path}/model.safetensors", file=sys.stderr)
+            return 2
+        used = result["cells"]["images"]
+        seen = seen_in_training(Path(model.path), [Path(u) for u in used])
+        if seen:
+            print(f"leukoscope faithfulness: {len(seen)} of its images are in {model.name}'s training or validation "
+                  f"split (e.g. {seen[0]})", file=sys.stderr)
+            return 2
+        if "kind" not in result:  # runs before image kinds were recorded
+            result["kind"] = images_kind([image_kind(read_image(u)) for u in used])
+        res, n_images = result["cells"], len(used)
+    else:
+        if not args.paths:
+            print("leukoscope faithfulness: give held-out images (or --from RESULTS_JSON)", file=sys.stderr)
+            return 2
+        files, problems = collect_paths(args.paths)
+        for p, reason in problems:
+            print(f"leukoscope faithfulness: {p}: {reason}", file=sys.stderr)
+        seen = seen_in_training(Path(model.path), files)
+        if seen:
+            print(f"leukoscope faithfulness: {len(seen)} of the images are in {model.name}'s training or validation "
+                  f"split (e.g. {seen[0]}); measure on held-out images only", file=sys.stderr)
+            return 2
+        if args.max_images and len(files) > args.max_images:
+            files = [files[int(i)] for i in np.linspace(0, len(files) - 1, args.max_images).round()]
+        images, used = [], []
+        for f in files:
+            try:
+                images.append(read_image(f))
+                used.append(str(f))
+            except ImageReadError as exc:
+                print(f"leukoscope faithfulness: cannot read {f}: {exc.reason}", file=sys.stderr)
+        if not images:
+            print("leukoscope faithfulness: no readable image", file=sys.stderr)
+            return 2
+        t0 = time.time()
+        res = measure(model, images, list(args.methods), steps=args.steps,
+                      road_percentiles=None if args.no_road else ROAD_PERCENTILES, n_slow=args.n_slow,
+                      progress=not args.no_progress and sys.stderr.isatty())
+        result = {"model": model.name, "model_path": str(model.path), "weights_sha256": sha_of(model.path),
+                  "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "func"},
+                  "wall_seconds": round(time.time() - t0, 1),
+                  "kind": images_kind([image_kind(im) for im in images]),
+                  "cells": {**res, "selection": f"{len(images)} held-out image(s) given to leukoscope faithfulness",
+                            "part": "test", "images": used}}
+        n_images = len(images)
+    print(f"{model.name}: {n_images} image(s), method minus random map, mean [95 % CI]; verdict on "
           "insertion - deletion")
     print(f"{'method':>10} {'n':>4}  {'insertion - deletion':<28} {'ROAD combined':<28} verdict")
     for name, m in res["methods"].items():
@@ -116,6 +150,8 @@ def main(args: argparse.Namespace) -> int:
 
         path = Path(model.path) / RECORD_FILE
         prev = json.loads(path.read_text()) if path.is_file() else None
-        path.write_text(json.dumps(record_from_results(result, prev, sha_of(model.path)), indent=1) + "\n")
+        rec = record_from_results(result, prev, sha_of(model.path), image_set=args.image_set, kind=result["kind"],
+                                  title=args.title)
+        path.write_text(json.dumps(rec, indent=1) + "\n")
         print(f"wrote {path}")
     return 0

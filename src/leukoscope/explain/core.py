@@ -13,7 +13,7 @@ import torch
 
 from leukoscope.data.images import read_image
 from leukoscope.explain.cam import CAM, Method, explain_tensor, get_method, resolve_layer
-from leukoscope.explain.faithfulness import method_faithfulness
+from leukoscope.explain.faithfulness import image_kind, method_faithfulness
 from leukoscope.explain.overlay import render_overlay
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
@@ -289,4 +289,4 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     overlay = render_overlay(rgb, heat, caption=caption, bbox=region["bbox"])
     probs = {c: float(p) for c, p in zip(model.classes, proba, strict=True)}
     return Explanation(label, conf, probs, model.classes[k], m.name, m.title, layer_name, heat, overlay, region,
-                       model.name, source, method_faithfulness(model.path, m.name))
+                       model.name, source, method_faithfulness(model.path, m.name, image_kind(rgb)))

@@ -167,33 +167,81 @@ def weights_sha256(model_dir) -> str | None:
     return _sha256(str(f), f.stat().st_mtime_ns) if f.is_file() else None
 
 
-def record_from_results(res: dict, previous: dict | None = None, weights: str | None = None) -> dict:
-    """The model directory's faithfulness record from a ``benchmarks/explain_localisation.py`` results dict.
+IMAGE_KINDS = ("cutout", "smear")
+KIND_TITLES = {"cutout": "cells cut out onto black", "smear": "smear images"}
 
-    Per method: the primary score (insertion - deletion, method minus a random map on the same cells, 95 % bootstrap
-    CI) and its verdict, and the secondary score (ROAD combined) likewise. Methods this run did not measure keep their
-    entry from ``previous`` (a run of one slow method updates that method only) when ``previous`` is of the same
-    weights (``weights``: their sha256)."""
-    cn = res["cnmc"] if "cnmc" in res else res["cells"]
-    same = previous is not None and previous.get("weights_sha256") == weights
-    methods = dict(previous.get("methods", {})) if same else {}
+
+def image_kind(rgb: np.ndarray) -> str:
+    """``cutout`` for one cell cut out onto black (most of the border black, as in C-NMC 2019), else ``smear``.
+    The two kinds can get different verdicts: on cut-out cells the model also reads the cell's outline against black,
+    which interior-first maps do not rank first (docs/EXPLAIN.md)."""
+    from leukoscope.preprocess.background import is_cutout_view
+
+    return "cutout" if is_cutout_view(rgb) else "smear"
+
+
+def images_kind(kinds: list[str]) -> str:
+    """The kind of a set of images: the kind of most of them (``cutout`` or ``smear``)."""
+    return "cutout" if 2 * sum(k == "cutout" for k in kinds) > len(kinds) else "smear"
+
+
+def _method_entries(cn: dict, res: dict) -> dict:
+    out = {}
     for name, m in cn["methods"].items():
         paired = m.get("paired_vs_random")
         if name == "random" or "(reference)" in name or not paired:
             continue
-        entry = {"n_cells": m["n"], "cells": cn.get("selection", ""), "run": res.get("args", {}),
-                 "date": res.get("date")}
+        run = {k: v for k, v in res.get("args", {}).items() if k not in ("paths", "from_results")}  # no image lists
+        entry = {"n_cells": m["n"], "cells": cn.get("selection", ""), "run": run, "date": res.get("date")}
         for key in (PRIMARY, SECONDARY):
             d = paired.get(key)
             entry[key] = None if d is None else {"mean": d["mean"], "ci": d["ci"], "verdict": verdict(d)}
         if isinstance(m.get("mass_in_cell"), dict):
             entry["mass_in_cell"] = m["mass_in_cell"]["mean"]
-        methods[name] = entry
-    return {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
-            "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
-                    "same cells) lies above 0; measured on held-out cells (`cells` of each method says which)",
-            "measured_by": "benchmarks/explain_localisation.py --record, or leukoscope faithfulness --record",
-            "methods": methods}
+        out[name] = entry
+    return out
+
+
+def record_from_results(res: dict, previous: dict | None = None, weights: str | None = None,
+                        image_set: str | None = None, kind: str | None = None, title: str = "") -> dict:
+    """The model directory's faithfulness record from a ``benchmarks/explain_localisation.py`` (or ``leukoscope
+    faithfulness``) results dict.
+
+    Per method: the primary score (insertion - deletion, method minus a random map on the same cells, 95 % bootstrap
+    CI) and its verdict, and the secondary score (ROAD combined) likewise. Methods this run did not measure keep their
+    entry from ``previous`` (a run of one slow method updates that method only) when ``previous`` is of the same
+    weights (``weights``: their sha256).
+
+    Without ``image_set`` the results are the record's main set (``methods``, of ``kind``: default ``cutout``, the
+    benchmark's C-NMC cells); with it they go to ``image_sets[image_set]`` (e.g. held-out smear crops), the main
+    set and the other sets kept. ``kind`` (``cutout`` / ``smear``) lets :func:`method_faithfulness` give an image the
+    verdict measured on its own kind; ``title`` says in words what the images were."""
+    if kind is not None and kind not in IMAGE_KINDS:
+        raise ValueError(f"unknown image kind {kind!r}; expected one of {list(IMAGE_KINDS)}")
+    cn = res["cnmc"] if "cnmc" in res else res["cells"]
+    same = previous is not None and previous.get("weights_sha256") == weights
+    prev = previous if same else {}
+    methods = dict(prev.get("methods", {}))
+    sets = {k: dict(v) for k, v in prev.get("image_sets", {}).items()}
+    main = {"kind": prev.get("kind", "cutout"), "title": prev.get("title", "")}
+    entries = _method_entries(cn, res)
+    if image_set is None:
+        methods.update(entries)
+        main = {"kind": kind or main["kind"], "title": title or main["title"]}
+    else:
+        old = sets.get(image_set, {})
+        sets[image_set] = {"kind": kind or old.get("kind", "smear"), "title": title or old.get("title", image_set),
+                           "methods": {**old.get("methods", {}), **entries}}
+    rec = {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
+           "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
+                   "same cells) lies above 0; measured on held-out images (`cells` of each method says which); "
+                   "an image gets the worst verdict of the sets of its own kind (cut-out cell or smear image), "
+                   "else of all sets",
+           "measured_by": "benchmarks/explain_localisation.py --record, or leukoscope faithfulness --record",
+           **main, "methods": methods}
+    if sets:
+        rec["image_sets"] = sets
+    return rec
 
 
 @functools.lru_cache(maxsize=16)
@@ -201,28 +249,48 @@ def _read_record(path: str, mtime_ns: int) -> dict:  # read once per version of 
     return json.loads(Path(path).read_text())
 
 
-def method_faithfulness(model_dir, method: str) -> dict:
+_WORST_FIRST = ("fails", "inconclusive", "not measured", "passes")
+
+
+def method_faithfulness(model_dir, method: str, kind: str | None = None) -> dict:
     """What the model directory's record says of ``method``: ``verdict`` (``passes`` / ``fails`` / ``inconclusive`` /
-    ``not measured``), the primary score, the secondary, and a sentence for a reader."""
+    ``not measured``), the primary score, the secondary, and a sentence for a reader.
+
+    The record can hold several image sets (its main set and ``image_sets``). With ``kind`` (of the image being
+    explained, :func:`image_kind`) the verdict is the worst over the sets of that kind when there are any; otherwise
+    it is the worst over all sets that measured the method. The note names every set's result."""
     path = Path(model_dir) / RECORD_FILE if model_dir else None
     rec = _read_record(str(path), path.stat().st_mtime_ns) if path and path.is_file() else None
     if rec is not None and rec.get("weights_sha256") != weights_sha256(model_dir):
         return {"verdict": "not measured", "method": method,
                 "note": f"{RECORD_FILE} in this model directory was measured on other weights; measure again "
                         "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
-    entry = (rec or {}).get("methods", {}).get(method)
-    if entry is None:
+    rec = rec or {}
+    sets = [(rec.get("kind", "cutout"), rec.get("title", ""), rec.get("methods", {}))]
+    sets += [(s.get("kind", "smear"), s.get("title", name), s.get("methods", {}))
+             for name, s in rec.get("image_sets", {}).items()]
+    found = [(k, t, m[method]) for k, t, m in sets if method in m]
+    if not found:
         return {"verdict": "not measured", "method": method,
                 "note": f"the faithfulness of {method} has not been measured for this model "
                         "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
-    p, s = (dict(x) if x else None for x in (entry.get(PRIMARY), entry.get(SECONDARY)))  # copies: the record is cached
-    v = p["verdict"] if p else "not measured"
-    what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
-    note = (f"on {entry['n_cells']} held-out cells, {method} {what} a random map by insertion - deletion "
-            f"({p['mean']:+.3f}, 95 % CI {p['ci'][0]:+.3f} to {p['ci'][1]:+.3f})" if p else "no primary score")
-    if s:
-        note += f"; ROAD combined {s['mean']:+.3f} ({s['verdict']})"
-    return {"verdict": v, "method": method, "primary": p, "secondary": s, "n_cells": entry["n_cells"], "note": note}
+    relevant = [f for f in found if f[0] == kind] or found
+    parts, results = [], []
+    for k, title, entry in found:
+        p, s = (dict(x) if x else None for x in (entry.get(PRIMARY), entry.get(SECONDARY)))  # copies: cached record
+        v = p["verdict"] if p else "not measured"
+        what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
+        where = f"{entry['n_cells']} held-out " + (title or ("cells" if len(found) == 1 else KIND_TITLES.get(k, k)))
+        text = (f"on {where}, {method} {what} a random map by insertion - deletion ({p['mean']:+.3f}, 95 % CI "
+                f"{p['ci'][0]:+.3f} to {p['ci'][1]:+.3f})" if p else f"on {where}: no primary score")
+        if s:
+            text += f"; ROAD combined {s['mean']:+.3f} ({s['verdict']})"
+        parts.append(text)
+        results.append({"kind": k, "title": title, "verdict": v, "primary": p, "secondary": s,
+                        "n_cells": entry["n_cells"], "relevant": any(f[2] is entry for f in relevant)})
+    worst = min((r for r in results if r["relevant"]), key=lambda r: _WORST_FIRST.index(r["verdict"]))
+    return {"verdict": worst["verdict"], "method": method, "kind": kind, "primary": worst["primary"],
+            "secondary": worst["secondary"], "n_cells": worst["n_cells"], "sets": results, "note": "; ".join(parts)}
 
 
 # ---- measuring it on any held-out images ----------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def index_html(records: list[dict], thumbs: dict[int, tuple[str, str]], model: L
     fails = "".join(f"<li><code>{html.escape(str(r['path']))}</code>: {html.escape(str(r['error']))}</li>" for r in bad)
     title = f"leukoscope explanations: {html.escape(model.name)}"
     method_title = html.escape(ok[0][1]["method_title"]) if ok else html.escape(method)
-    faith = method_faithfulness(model.path, ok[0][1]["method"] if ok else method)
+    kinds = {r[1].get("faithfulness", {}).get("kind") for r in ok}  # one kind of image: its own verdict
+    faith = method_faithfulness(model.path, ok[0][1]["method"] if ok else method,
+                                kinds.pop() if len(kinds) == 1 else None)
     faith_cls = "note" if faith["verdict"] == "passes" else "note warn"
     faith_html = (f"<p class=\"{faith_cls}\" id=faithfulness>Faithfulness of this method on this model "
                   f"({html.escape(faith['verdict'])}): {html.escape(faith['note'])}.</p>")

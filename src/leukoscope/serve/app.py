@@ -138,8 +138,9 @@ class ExplainResponse(PredictResponse):
     target_layer: str
     hottest_region: dict[str, Any]
     faithfulness: dict[str, Any] = Field(
-        default_factory=dict, description="what the model's faithfulness record says of the method: verdict "
-        "(passes / fails / inconclusive / not measured) against a random map, and a note for the reader")
+        default_factory=dict, description="what the model's faithfulness record says of the method on this kind of "
+        "image (`kind`: cutout = a cell on black, smear): verdict (passes / fails / inconclusive / not measured) "
+        "against a random map, each measured image set's result, and a note for the reader")
     overlay: EncodedImage = Field(description="the heatmap blended on the image, same size as the image")
     heatmap: EncodedImage = Field(description="the heatmap alone, 8-bit grayscale PNG (255 = peak)")
     figure: EncodedImage = Field(description="the overlay with a caption and a colour bar, for a report")
