@@ -73,6 +73,8 @@ def scores(logits: dict, datasets: list[str], classes: list[str]) -> dict:
             pred = p.argmax(1)
             r = {"n": int(len(y)), "accuracy": float((pred == y).mean()),
                  "nll": float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())}
+            if part == "test":  # each test image's probability of the second class, in the order of "images"
+                r["p_positive"] = [round(float(x), 4) for x in p[:, -1]]
             if len(classes) == 2:
                 r["sensitivity"] = float((pred[y == 1] == 1).mean()) if (y == 1).any() else None
                 r["specificity"] = float((pred[y == 0] == 0).mean()) if (y == 0).any() else None
@@ -123,8 +125,18 @@ def main() -> None:
             cells.append(s + f" nll {r['nll']:.3f}")
         print(f"| {Path(name).name} | {row['temperature']:.3f} | " + " | ".join(cells) + " |")
     if args.out:
+        images = {f"{d}/test": first[(d, "test")][2] for d in datasets}
+        wrong = {}  # per test image: the models (single ones) that get it wrong at threshold 0.5
+        for d in datasets:
+            y = first[(d, "test")][1]
+            for i, path in enumerate(images[f"{d}/test"]):
+                bad = [Path(m).name for m in map(str, dirs)
+                       if (rows[m][f"{d}/test"]["p_positive"][i] >= 0.5) != bool(y[i] == len(classes) - 1)]
+                if bad:
+                    wrong[path] = {"label": classes[int(y[i])], "wrong_in": bad}
         Path(args.out).write_text(json.dumps({"models": [str(d) for d in dirs],
                                               "weights_sha256": [i.get("weights_sha256") for i in infos],
+                                              "test_images": images, "wrong_in_some_model": wrong,
                                               "results": rows}, indent=1))
 
 

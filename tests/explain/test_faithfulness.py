@@ -137,13 +137,26 @@ def test_image_sets_give_each_kind_of_image_its_own_verdict(tmp_path):
     note = method_faithfulness(tmp_path, "cameras", "smear")["note"]
     assert "on 20 held-out cells on black, cameras does not clearly beat a random map" in note
     assert "on 44 held-out smear crops, cameras beats a random map" in note
-    # a set with a kind nobody measured falls back to all sets; a later run of the set merges into it
-    assert v("cameras", "other") == "inconclusive"
+    # a later run of the set merges into it; results of the other kind go into no existing set of a kind
     rec2 = record_from_results(_results(tmp_path, {"layercam": (0.02, 0.3)}), rec, sha, image_set="crops")
     assert set(rec2["image_sets"]["crops"]["methods"]) == {"gradcam", "cameras", "layercam"}
     assert rec2["image_sets"]["crops"]["kind"] == "smear"
+    with pytest.raises(ValueError, match="record them as a further image set"):
+        record_from_results(_results(tmp_path, {"layercam": (0.02, 0.3)}), rec, sha, kind="smear")
+    with pytest.raises(ValueError, match="record them as a further image set"):
+        record_from_results(_results(tmp_path, {"layercam": (0.02, 0.3)}), rec, sha, image_set="crops", kind="cutout")
     with pytest.raises(ValueError, match="unknown image kind"):
         record_from_results(_results(tmp_path, {"gradcam": (0.1, 0.2)}), rec, sha, kind="blurry")
+    # measured on the other kind only: no verdict for this one, and the note says what was measured
+    (tmp_path / "faithfulness.json").write_text(json.dumps(rec2))
+    only_smear = method_faithfulness(tmp_path, "layercam", "cutout")
+    assert only_smear["verdict"] == "not measured" and "not been measured on cells cut out onto black" in \
+        only_smear["note"] and "on 20 held-out smear crops, layercam beats" in only_smear["note"]
+    assert v("layercam", "smear") == "passes"
+    # a record from before kinds were kept: its set counts for every kind
+    legacy = {k: val for k, val in main.items() if k != "kind"}
+    (tmp_path / "faithfulness.json").write_text(json.dumps(legacy))
+    assert v("cameras", "smear") == v("cameras", "cutout") == "inconclusive"
 
 
 def test_image_kind_tells_a_cell_on_black_from_a_smear_image(cnmc_paths, data_root):

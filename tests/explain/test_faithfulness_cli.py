@@ -72,7 +72,7 @@ def test_faithfulness_refuses_images_the_model_trained_on(shipped_copy, data_roo
     assert after == before  # nothing measured, nothing recorded
 
 
-def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, tmp_path, capsys):
+def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, tmp_path, capsys, monkeypatch):
     model = tmp_path / "leukemia-cell"
     shutil.copytree(resolve_model_dir("leukemia-cell"), model)  # with the shipped record (main set: C-NMC cells)
     before = json.loads((model / "faithfulness.json").read_text())
@@ -86,10 +86,18 @@ def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, t
     assert json.loads((model / "faithfulness.json").read_text()) == before  # no --record: nothing written
     capsys.readouterr()
 
+    # smear crops are not merged into the main set of cells on black: refused before measuring
+    args = parse_args(["faithfulness", *map(str, crops), "--model", str(model), "--methods", "gradcam", "--no-road",
+                       "--no-progress", "--record"])
+    monkeypatch.setattr("leukoscope.explain.faithfulness.measure", _no_measuring)
+    assert args.func(args) == 2
+    assert "nothing measured" in capsys.readouterr().err
+    assert json.loads((model / "faithfulness.json").read_text()) == before
+
     args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), "--record", "--image-set",
                        "my-crops", "--title", "ALL-IDB2 test crops"])
-    assert args.func(args) == 0
-    assert "gradcam" in capsys.readouterr().out  # the earlier run's table, not measured again
+    assert args.func(args) == 0  # measure() would raise: the earlier run is taken as it was
+    assert "gradcam" in capsys.readouterr().out
     rec = json.loads((model / "faithfulness.json").read_text())
     assert rec["methods"] == before["methods"]  # the main set is untouched
     mine = rec["image_sets"]["my-crops"]
@@ -100,8 +108,24 @@ def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, t
 
     f = explain(crops[0], model=str(model), method="gradcam").faithfulness
     assert f["kind"] == "smear" and "on 3 held-out ALL-IDB2 test crops, gradcam" in f["note"]
+    # --from takes a run as it was: measuring options and images are refused with it, as are other files
+    for extra in (["--methods", "layercam"], [str(crops[0])], ["--no-road"]):
+        args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), *extra])
+        assert args.func(args) == 2
+        assert "--from takes an earlier run as it was" in capsys.readouterr().err
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"weights_sha256": "x", "cnmc": {}}))
+    args = parse_args(["faithfulness", "--from", str(bench), "--model", str(model)])
+    assert args.func(args) == 2
+    assert "not the --out file" in capsys.readouterr().err
+    args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), "--image-set", "x"])
+    assert args.func(args) == 2 and "add --record" in capsys.readouterr().err
     # the results of other weights are refused
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     args = parse_args(["faithfulness", "--from", str(out), "--model", str(model), "--record"])
     assert args.func(args) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+def _no_measuring(*args, **kwargs):
+    raise AssertionError("measured although it should not have")

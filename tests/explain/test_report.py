@@ -92,6 +92,21 @@ def test_cli_explain_tells_whether_the_method_is_faithful_on_the_shipped_model(c
         assert ('class="note warn" id=faithfulness' in page) is warned
 
 
+def test_the_verdict_follows_the_kind_of_image(cnmc_paths, data_root, tmp_path, capsys):
+    # the shipped record: LayerCAM passes on cells cut out onto black (C-NMC) and is inconclusive on smear images (aria)
+    crop = data_root / "all_idb" / "ALL_IDB2" / "img" / "Im022_1.tif"  # a held-out ALL-IDB2 test crop
+    for path, kind, warned in ((cnmc_paths[0], "cutout", False), (crop, "smear", True)):
+        out = tmp_path / kind
+        args = parse_args(["explain", str(path), "--method", "layercam", "--out", str(out), "--no-progress"])
+        assert args.func(args) == 0
+        err = capsys.readouterr().err
+        rec = json.loads((out / f"{path.stem}.json").read_text())["faithfulness"]
+        assert rec["kind"] == kind
+        assert rec["verdict"] == ("inconclusive" if warned else "passes")
+        assert ("note: " in err and "aria test images" in err) is warned, err
+        assert ('class="note warn" id=faithfulness' in (out / "index.html").read_text()) is warned
+
+
 def test_cli_method_names_match_the_registry():
     from leukoscope.cli.explain import METHOD_NAMES
 

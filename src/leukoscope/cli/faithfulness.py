@@ -77,12 +77,25 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.models import load_model
     from leukoscope.predict import collect_paths
 
+    if (args.image_set or args.title) and not args.record:
+        print("leukoscope faithfulness: --image-set and --title name what --record writes; add --record",
+              file=sys.stderr)
+        return 2
+    if args.from_results:
+        measuring = {"--methods": args.methods != list(DEFAULT_METHODS), "--max-images": args.max_images != 50,
+                     "--n-slow": args.n_slow is not None, "--steps": args.steps != 16, "--no-road": args.no_road}
+        given = [k for k, v in measuring.items() if v]
+        if args.paths or given:
+            print("leukoscope faithfulness: --from takes an earlier run as it was; images and "
+                  f"{', '.join(given) or 'measuring options'} do not go with it", file=sys.stderr)
+            return 2
     model = load_model(args.model)
     if args.from_results:
-        if args.paths:
-            print("leukoscope faithfulness: give images or --from, not both", file=sys.stderr)
-            return 2
         result = json.loads(Path(args.from_results).read_text())
+        if not isinstance(result.get("cells"), dict) or not result["cells"].get("images"):
+            print(f"leukoscope faithfulness: {args.from_results} is not the --out file of a leukoscope faithfulness "
+                  "run (no 'cells' with their 'images')", file=sys.stderr)
+            return 2
         if result.get("weights_sha256") != sha_of(model.path):
             print(f"leukoscope faithfulness: {args.from_results} was measured on other weights than "
                   f"{model.path}/model.safetensors", file=sys.stderr)
@@ -94,7 +107,12 @@ def main(args: argparse.Namespace) -> int:
                   f"split (e.g. {seen[0]})", file=sys.stderr)
             return 2
         if "kind" not in result:  # runs before image kinds were recorded
-            result["kind"] = images_kind([image_kind(read_image(u)) for u in used])
+            try:
+                result["kind"] = images_kind([image_kind(read_image(u)) for u in used])
+            except ImageReadError as exc:
+                print(f"leukoscope faithfulness: the run's kind of image is not recorded and cannot be told: "
+                      f"{exc}", file=sys.stderr)
+                return 2
         res, n_images = result["cells"], len(used)
     else:
         if not args.paths:
@@ -120,6 +138,18 @@ def main(args: argparse.Namespace) -> int:
         if not images:
             print("leukoscope faithfulness: no readable image", file=sys.stderr)
             return 2
+        kind = images_kind([image_kind(im) for im in images])
+        if args.record:  # a kind that the record cannot take is refused before the long measurement, not after
+            from leukoscope.explain.faithfulness import RECORD_FILE
+
+            rec_path = Path(model.path) / RECORD_FILE
+            try:
+                record_from_results({"cells": {"methods": {}}}, json.loads(rec_path.read_text())
+                                    if rec_path.is_file() else None, sha_of(model.path), image_set=args.image_set,
+                                    kind=kind)
+            except ValueError as exc:
+                print(f"leukoscope faithfulness: nothing measured: {exc}", file=sys.stderr)
+                return 2
         t0 = time.time()
         res = measure(model, images, list(args.methods), steps=args.steps,
                       road_percentiles=None if args.no_road else ROAD_PERCENTILES, n_slow=args.n_slow,
@@ -127,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
         result = {"model": model.name, "model_path": str(model.path), "weights_sha256": sha_of(model.path),
                   "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "func"},
                   "wall_seconds": round(time.time() - t0, 1),
-                  "kind": images_kind([image_kind(im) for im in images]),
+                  "kind": kind,
                   "cells": {**res, "selection": f"{len(images)} held-out image(s) given to leukoscope faithfulness",
                             "part": "test", "images": used}}
         n_images = len(images)
@@ -150,8 +180,12 @@ def main(args: argparse.Namespace) -> int:
 
         path = Path(model.path) / RECORD_FILE
         prev = json.loads(path.read_text()) if path.is_file() else None
-        rec = record_from_results(result, prev, sha_of(model.path), image_set=args.image_set, kind=result["kind"],
-                                  title=args.title)
+        try:
+            rec = record_from_results(result, prev, sha_of(model.path), image_set=args.image_set,
+                                      kind=result["kind"], title=args.title)
+        except ValueError as exc:
+            print(f"leukoscope faithfulness: nothing recorded: {exc}", file=sys.stderr)
+            return 2
         path.write_text(json.dumps(rec, indent=1) + "\n")
         print(f"wrote {path}")
     return 0

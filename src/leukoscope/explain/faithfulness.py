@@ -212,10 +212,12 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
     entry from ``previous`` (a run of one slow method updates that method only) when ``previous`` is of the same
     weights (``weights``: their sha256).
 
-    Without ``image_set`` the results are the record's main set (``methods``, of ``kind``: default ``cutout``, the
-    benchmark's C-NMC cells); with it they go to ``image_sets[image_set]`` (e.g. held-out smear crops), the main
-    set and the other sets kept. ``kind`` (``cutout`` / ``smear``) lets :func:`method_faithfulness` give an image the
-    verdict measured on its own kind; ``title`` says in words what the images were."""
+    Without ``image_set`` the results are the record's main set (``methods``, of ``kind``); with it they go to
+    ``image_sets[image_set]`` (e.g. held-out smear crops), the main set and the other sets kept. ``kind`` (``cutout``
+    / ``smear``) lets :func:`method_faithfulness` give an image the verdict measured on its own kind (a set without a
+    kind, as in records from before kinds were kept, counts for every kind); ``title`` says in words what the images
+    were. Results of one kind are never merged into a set of the other kind (``ValueError``: record them as a
+    further set)."""
     if kind is not None and kind not in IMAGE_KINDS:
         raise ValueError(f"unknown image kind {kind!r}; expected one of {list(IMAGE_KINDS)}")
     cn = res["cnmc"] if "cnmc" in res else res["cells"]
@@ -223,20 +225,29 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
     prev = previous if same else {}
     methods = dict(prev.get("methods", {}))
     sets = {k: dict(v) for k, v in prev.get("image_sets", {}).items()}
-    main = {"kind": prev.get("kind", "cutout"), "title": prev.get("title", "")}
     entries = _method_entries(cn, res)
+
+    def merged_kind(old_kind: str | None, has_entries: bool, where: str) -> str | None:
+        if has_entries and old_kind and kind and kind != old_kind:
+            raise ValueError(f"{where} holds {KIND_TITLES[old_kind]}; these are {KIND_TITLES[kind]}: record them as "
+                             "a further image set (leukoscope faithfulness ... --record --image-set NAME)")
+        return kind or old_kind  # a set of no recorded kind (made before kinds were kept) takes the given one
+
     if image_set is None:
+        main = {"kind": merged_kind(prev.get("kind"), bool(methods), "the record's main set"),
+                "title": title or prev.get("title", "")}
         methods.update(entries)
-        main = {"kind": kind or main["kind"], "title": title or main["title"]}
     else:
+        main = {"kind": prev.get("kind"), "title": prev.get("title", "")}
         old = sets.get(image_set, {})
-        sets[image_set] = {"kind": kind or old.get("kind", "smear"), "title": title or old.get("title", image_set),
+        sets[image_set] = {"kind": merged_kind(old.get("kind"), bool(old.get("methods")), f"image set {image_set!r}"),
+                           "title": title or old.get("title", image_set),
                            "methods": {**old.get("methods", {}), **entries}}
     rec = {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
            "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
                    "same cells) lies above 0; measured on held-out images (`cells` of each method says which); "
-                   "an image gets the worst verdict of the sets of its own kind (cut-out cell or smear image), "
-                   "else of all sets",
+                   "an image gets the worst verdict of the sets of its own kind (cut-out cell or smear image; a set "
+                   "without a kind counts for both), and none when only the other kind was measured",
            "measured_by": "benchmarks/explain_localisation.py --record, or leukoscope faithfulness --record",
            **main, "methods": methods}
     if sets:
@@ -266,29 +277,35 @@ def method_faithfulness(model_dir, method: str, kind: str | None = None) -> dict
                 "note": f"{RECORD_FILE} in this model directory was measured on other weights; measure again "
                         "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
     rec = rec or {}
-    sets = [(rec.get("kind", "cutout"), rec.get("title", ""), rec.get("methods", {}))]
-    sets += [(s.get("kind", "smear"), s.get("title", name), s.get("methods", {}))
+    sets = [(rec.get("kind"), rec.get("title", ""), rec.get("methods", {}))]
+    sets += [(s.get("kind"), s.get("title", name), s.get("methods", {}))
              for name, s in rec.get("image_sets", {}).items()]
     found = [(k, t, m[method]) for k, t, m in sets if method in m]
     if not found:
-        return {"verdict": "not measured", "method": method,
+        return {"verdict": "not measured", "method": method, "kind": kind,
                 "note": f"the faithfulness of {method} has not been measured for this model "
-                        "(leukoscope faithfulness HELD_OUT_IMAGES... --record)"}
-    relevant = [f for f in found if f[0] == kind] or found
+                        "(leukoscope faithfulness HELD_OUT_IMAGES... --record; --image-set NAME for a further kind "
+                        "of image)"}
     parts, results = [], []
     for k, title, entry in found:
         p, s = (dict(x) if x else None for x in (entry.get(PRIMARY), entry.get(SECONDARY)))  # copies: cached record
         v = p["verdict"] if p else "not measured"
         what = {"passes": "beats", "fails": "is worse than", "inconclusive": "does not clearly beat"}.get(v, "?")
-        where = f"{entry['n_cells']} held-out " + (title or ("cells" if len(found) == 1 else KIND_TITLES.get(k, k)))
+        where = f"{entry['n_cells']} held-out " + (title or KIND_TITLES.get(k, "cells"))
         text = (f"on {where}, {method} {what} a random map by insertion - deletion ({p['mean']:+.3f}, 95 % CI "
                 f"{p['ci'][0]:+.3f} to {p['ci'][1]:+.3f})" if p else f"on {where}: no primary score")
         if s:
             text += f"; ROAD combined {s['mean']:+.3f} ({s['verdict']})"
         parts.append(text)
+        # a set counts for the image when it is of the image's kind, or of no recorded kind, or the kind is unknown
         results.append({"kind": k, "title": title, "verdict": v, "primary": p, "secondary": s,
-                        "n_cells": entry["n_cells"], "relevant": any(f[2] is entry for f in relevant)})
-    worst = min((r for r in results if r["relevant"]), key=lambda r: _WORST_FIRST.index(r["verdict"]))
+                        "n_cells": entry["n_cells"], "relevant": kind is None or k is None or k == kind})
+    relevant = [r for r in results if r["relevant"]]
+    if not relevant:  # measured, but only on another kind of image: no verdict for this one
+        return {"verdict": "not measured", "method": method, "kind": kind, "sets": results,
+                "note": f"{method} has not been measured on {KIND_TITLES.get(kind, kind)} for this model; "
+                        + "; ".join(parts)}
+    worst = min(relevant, key=lambda r: _WORST_FIRST.index(r["verdict"]))
     return {"verdict": worst["verdict"], "method": method, "kind": kind, "primary": worst["primary"],
             "secondary": worst["secondary"], "n_cells": worst["n_cells"], "sets": results, "note": "; ".join(parts)}
 
