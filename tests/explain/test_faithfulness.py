@@ -137,6 +137,7 @@ def test_image_sets_give_each_kind_of_image_its_own_verdict(tmp_path):
     note = method_faithfulness(tmp_path, "cameras", "smear")["note"]
     assert "on 20 held-out cells on black, cameras does not clearly beat a random map" in note
     assert "on 44 held-out smear crops, cameras beats a random map" in note
+    assert note.index("smear crops") < note.index("measured on other images") < note.index("cells on black")
     # a later run of the set merges into it; results of the other kind go into no existing set of a kind
     rec2 = record_from_results(_results(tmp_path, {"layercam": (0.02, 0.3)}), rec, sha, image_set="crops")
     assert set(rec2["image_sets"]["crops"]["methods"]) == {"gradcam", "cameras", "layercam"}

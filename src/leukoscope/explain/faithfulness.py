@@ -306,8 +306,13 @@ def method_faithfulness(model_dir, method: str, kind: str | None = None) -> dict
                 "note": f"{method} has not been measured on {KIND_TITLES.get(kind, kind)} for this model; "
                         + "; ".join(parts)}
     worst = min(relevant, key=lambda r: _WORST_FIRST.index(r["verdict"]))
+    # the sets that decide the verdict first, then what was measured on the other kind of image
+    note = "; ".join(t for t, r in zip(parts, results, strict=True) if r["relevant"])
+    others = [t for t, r in zip(parts, results, strict=True) if not r["relevant"]]
+    if others:
+        note += "; measured on other images: " + "; ".join(others)
     return {"verdict": worst["verdict"], "method": method, "kind": kind, "primary": worst["primary"],
-            "secondary": worst["secondary"], "n_cells": worst["n_cells"], "sets": results, "note": "; ".join(parts)}
+            "secondary": worst["secondary"], "n_cells": worst["n_cells"], "sets": results, "note": note}
 
 
 # ---- measuring it on any held-out images ----------------------------------------------------------------------------
