@@ -13,6 +13,8 @@ from pathlib import Path
 from leukoscope.cli.explain import METHOD_NAMES
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "occlusion")
+DEFAULT_MAX_IMAGES = 50
+DEFAULT_STEPS = 16
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,9 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="shipped model name or model directory (default: leukemia-cell)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHOD_NAMES,
                    help=f"default: {' '.join(DEFAULT_METHODS)} (scorecam and cameras are slow on a CPU)")
-    p.add_argument("--max-images", type=int, default=50, help="images used, evenly spaced over those found (0: all)")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help="images used, evenly spaced over those found (0: all)")
     p.add_argument("--n-slow", type=int, default=None, help="images for scorecam (default: all of them)")
-    p.add_argument("--steps", type=int, default=16, help="points on the deletion / insertion curves, minus one")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="points on the deletion / insertion curves, minus one")
     p.add_argument("--no-road", action="store_true", help="skip ROAD (slower: one sparse solve per point)")
     p.add_argument("--out", default=None, help="also write the full results as JSON")
     p.add_argument("--record", action="store_true",
@@ -82,8 +86,9 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.from_results:
-        measuring = {"--methods": args.methods != list(DEFAULT_METHODS), "--max-images": args.max_images != 50,
-                     "--n-slow": args.n_slow is not None, "--steps": args.steps != 16, "--no-road": args.no_road}
+        measuring = {"--methods": args.methods != list(DEFAULT_METHODS),
+                     "--max-images": args.max_images != DEFAULT_MAX_IMAGES, "--n-slow": args.n_slow is not None,
+                     "--steps": args.steps != DEFAULT_STEPS, "--no-road": args.no_road}
         given = [k for k, v in measuring.items() if v]
         if args.paths or given:
             print("leukoscope faithfulness: --from takes an earlier run as it was; images and "
@@ -140,15 +145,13 @@ def main(args: argparse.Namespace) -> int:
             return 2
         kind = images_kind([image_kind(im) for im in images])
         if args.record:  # a kind that the record cannot take is refused before the long measurement, not after
-            from leukoscope.explain.faithfulness import RECORD_FILE
+            from leukoscope.explain.faithfulness import RECORD_FILE, kind_conflict
 
             rec_path = Path(model.path) / RECORD_FILE
-            try:
-                record_from_results({"cells": {"methods": {}}}, json.loads(rec_path.read_text())
-                                    if rec_path.is_file() else None, sha_of(model.path), image_set=args.image_set,
-                                    kind=kind)
-            except ValueError as exc:
-                print(f"leukoscope faithfulness: nothing measured: {exc}", file=sys.stderr)
+            conflict = kind_conflict(json.loads(rec_path.read_text()) if rec_path.is_file() else None,
+                                     sha_of(model.path), args.image_set, kind)
+            if conflict:
+                print(f"leukoscope faithfulness: nothing measured: {conflict}", file=sys.stderr)
                 return 2
         t0 = time.time()
         res = measure(model, images, list(args.methods), steps=args.steps,

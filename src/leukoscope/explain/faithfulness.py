@@ -185,13 +185,18 @@ def images_kind(kinds: list[str]) -> str:
     return "cutout" if 2 * sum(k == "cutout" for k in kinds) > len(kinds) else "smear"
 
 
+# arguments of a run that say nothing about how it measured (image lists, output, what to record)
+_NOT_RUN_SETTINGS = frozenset({"paths", "from_results", "verbose", "command", "record", "no_progress", "image_set",
+                               "title"})
+
+
 def _method_entries(cn: dict, res: dict) -> dict:
     out = {}
     for name, m in cn["methods"].items():
         paired = m.get("paired_vs_random")
         if name == "random" or "(reference)" in name or not paired:
             continue
-        run = {k: v for k, v in res.get("args", {}).items() if k not in ("paths", "from_results")}  # no image lists
+        run = {k: v for k, v in res.get("args", {}).items() if k not in _NOT_RUN_SETTINGS}
         entry = {"n_cells": m["n"], "cells": cn.get("selection", ""), "run": run, "date": res.get("date")}
         for key in (PRIMARY, SECONDARY):
             d = paired.get(key)
@@ -200,6 +205,22 @@ def _method_entries(cn: dict, res: dict) -> dict:
             entry["mass_in_cell"] = m["mass_in_cell"]["mean"]
         out[name] = entry
     return out
+
+
+def kind_conflict(previous: dict | None, weights: str | None, image_set: str | None, kind: str | None) -> str | None:
+    """Why results of ``kind`` cannot go into ``previous``'s main set (``image_set`` None) or its set ``image_set``:
+    that set already holds results of the other kind (same weights). None when they can."""
+    if previous is None or previous.get("weights_sha256") != weights or kind is None:
+        return None
+    if image_set is None:
+        old_kind, has, where = previous.get("kind"), bool(previous.get("methods")), "the record's main set"
+    else:
+        old = previous.get("image_sets", {}).get(image_set, {})
+        old_kind, has, where = old.get("kind"), bool(old.get("methods")), f"image set {image_set!r}"
+    if has and old_kind and kind != old_kind:
+        return (f"{where} holds {KIND_TITLES[old_kind]}; these are {KIND_TITLES[kind]}: record them as a further "
+                "image set (leukoscope faithfulness ... --record --image-set NAME)")
+    return None
 
 
 def record_from_results(res: dict, previous: dict | None = None, weights: str | None = None,
@@ -220,28 +241,23 @@ def record_from_results(res: dict, previous: dict | None = None, weights: str | 
     further set)."""
     if kind is not None and kind not in IMAGE_KINDS:
         raise ValueError(f"unknown image kind {kind!r}; expected one of {list(IMAGE_KINDS)}")
+    conflict = kind_conflict(previous, weights, image_set, kind)
+    if conflict:
+        raise ValueError(conflict)
     cn = res["cnmc"] if "cnmc" in res else res["cells"]
     same = previous is not None and previous.get("weights_sha256") == weights
     prev = previous if same else {}
     methods = dict(prev.get("methods", {}))
     sets = {k: dict(v) for k, v in prev.get("image_sets", {}).items()}
     entries = _method_entries(cn, res)
-
-    def merged_kind(old_kind: str | None, has_entries: bool, where: str) -> str | None:
-        if has_entries and old_kind and kind and kind != old_kind:
-            raise ValueError(f"{where} holds {KIND_TITLES[old_kind]}; these are {KIND_TITLES[kind]}: record them as "
-                             "a further image set (leukoscope faithfulness ... --record --image-set NAME)")
-        return kind or old_kind  # a set of no recorded kind (made before kinds were kept) takes the given one
-
+    # a set of no recorded kind (made before kinds were kept) takes the given one
     if image_set is None:
-        main = {"kind": merged_kind(prev.get("kind"), bool(methods), "the record's main set"),
-                "title": title or prev.get("title", "")}
+        main = {"kind": kind or prev.get("kind"), "title": title or prev.get("title", "")}
         methods.update(entries)
     else:
         main = {"kind": prev.get("kind"), "title": prev.get("title", "")}
         old = sets.get(image_set, {})
-        sets[image_set] = {"kind": merged_kind(old.get("kind"), bool(old.get("methods")), f"image set {image_set!r}"),
-                           "title": title or old.get("title", image_set),
+        sets[image_set] = {"kind": kind or old.get("kind"), "title": title or old.get("title", image_set),
                            "methods": {**old.get("methods", {}), **entries}}
     rec = {"weights_sha256": weights, "primary": PRIMARY, "secondary": SECONDARY, "scores": SCORE_TITLES,
            "rule": "a method passes when the 95 % CI of its score minus a random map's (as smooth as a 7 x 7 CAM, "
@@ -268,8 +284,9 @@ def method_faithfulness(model_dir, method: str, kind: str | None = None) -> dict
     ``not measured``), the primary score, the secondary, and a sentence for a reader.
 
     The record can hold several image sets (its main set and ``image_sets``). With ``kind`` (of the image being
-    explained, :func:`image_kind`) the verdict is the worst over the sets of that kind when there are any; otherwise
-    it is the worst over all sets that measured the method. The note names every set's result."""
+    explained, :func:`image_kind`) the verdict is the worst over the sets of that kind and the sets of no recorded
+    kind; when only sets of the other kind measured the method, it is ``not measured``. Without ``kind`` it is the
+    worst over all sets. The note names every set's result, those that decide the verdict first."""
     path = Path(model_dir) / RECORD_FILE if model_dir else None
     rec = _read_record(str(path), path.stat().st_mtime_ns) if path and path.is_file() else None
     if rec is not None and rec.get("weights_sha256") != weights_sha256(model_dir):
