@@ -67,11 +67,11 @@ def test_all_idb2_counts_groups_and_duplicate(data_root):
 
 def test_all_idb1_fields_annotations(data_root):
     ds = load_dataset("all_idb1")
-    assert ds.kind == "fields" and ds.class_counts() == {"healthy": 5, "leukemic": 5}
+    assert ds.kind == "fields" and ds.class_counts() == {"healthy": 19, "leukemic": 35}
     blasts = {s.path.stem: len(s.meta["blasts"]) for s in ds.samples}
     assert [blasts[k] for k in ("Im001_1", "Im003_1", "Im004_1", "Im005_1", "Im006_1")] == [8, 11, 6, 23, 15]
     assert all(blasts[s.path.stem] == 0 for s in ds.samples if s.label == "healthy")
-    assert sum(s.meta["wbc_mask"] is not None for s in ds.samples) == 5
+    assert sum(s.meta["wbc_mask"] is not None for s in ds.samples) == 10
 
 
 def test_deepapl_counts_patients_and_diagnosis(data_root):
@@ -132,3 +132,25 @@ def test_folder_and_manifest_loaders(tmp_path, data_root):
     bad.write_text("path,label\nx.png,a\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['patient'\]"):
         load_dataset("manifest", root=bad)
+
+
+def test_pbc_normal_cells_of_every_type(data_root):
+    ds = load_dataset("pbc")
+    assert len(ds) == 1200 and set(ds.class_counts().values()) == {150}
+    assert len(set(ds.groups)) == 1200  # no donor ids: each image its own group
+    binary = ds.with_target("binary")
+    assert binary.classes == ["healthy", "leukemic"] and binary.class_counts() == {"healthy": 1200, "leukemic": 0}
+    types = ds.with_target("cell_type")  # ig (mixed immature granulocytes) and platelets map to no DeepAPL type
+    assert len(types) == 900 and len(types.excluded) == 300
+    assert set(types.classes) <= set(load_dataset("deepapl").classes)
+
+
+def test_deepapl_binary_labels_leave_out_ambiguous_types(data_root):
+    ds = load_dataset("deepapl")
+    binary = ds.with_target("binary")
+    counts = Counter(s.labels["cell_type"] for s in binary.samples if s.label == "leukemic")
+    assert set(counts) == {"Blast, no lineage spec", "Promonocyte"}
+    left = Counter(s.labels["cell_type"] for s in ds.samples if s.labels["binary"] is None)
+    assert set(left) == {"Promyelocyte", "Lymphocyte, variant", "Smudge cells", "Plasma cells"}
+    assert len(binary) + sum(left.values()) == len(ds) and len(binary.excluded) == sum(left.values())
+    assert all("promyelocyte" in why for p, why in binary.excluded if "Promyelocyte" in p)

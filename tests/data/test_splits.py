@@ -74,3 +74,34 @@ def test_split_naming_unknown_samples_is_refused(data_root):
     split.parts["test"].append("ALL_IDB2/img/Im999_1.tif")
     with pytest.raises(ValueError, match="not in dataset 'all_idb2'"):
         split.subset(ds, "test")
+
+
+def test_aria_is_held_out_as_contiguous_number_ranges_at_the_end_of_each_class(data_root):
+    ds = load_dataset("aria")
+    split = group_split(ds, test_size=0.2, val_size=0.15, seed=3)
+    assert_no_leak(ds, split)  # boundaries on block edges: no block of 10 neighbouring numbers is cut
+    part = split.part_of()
+    for cls in ("Benign", "Early", "Pre", "Pro"):
+        numbers = {p: s.meta["number"] for s in ds.samples if s.label == cls for p in [ds.relpath(s)]}
+        by_part = {k: sorted(n for p, n in numbers.items() if part[p] == k) for k in ("train", "val", "test")}
+        # train < val < test, each a contiguous range of the class's numbers
+        assert by_part["train"][-1] < by_part["val"][0] and by_part["val"][-1] < by_part["test"][0]
+        assert by_part["test"][-1] == max(numbers.values())
+        assert len(by_part["test"]) >= 0.2 * len(numbers)
+        assert len(by_part["val"]) >= 0.14 * len(numbers)
+        assert by_part["test"][0] % 10 == 0 and by_part["val"][0] % 10 == 0
+    # the ranges do not depend on the seed
+    assert group_split(ds, 0.2, 0.15, seed=0).parts == split.parts
+
+
+def test_combined_sources_keep_aria_ranges_and_other_groups_whole(data_root):
+    from leukoscope.data.datasets import combine
+
+    ds = combine([load_dataset(n, target="binary") for n in ("aria", "pbc", "all_idb2")])
+    split = group_split(ds, 0.2, 0.15, seed=0)
+    assert_no_leak(ds, split)
+    alone = group_split(load_dataset("aria", target="binary"), 0.2, 0.15, seed=0)
+    aria_test = {p for p in split.parts["test"] if p.startswith("all_aria/")}
+    assert aria_test == {f"all_aria/{p}" for p in alone.parts["test"]}
+    pbc_test = [p for p in split.parts["test"] if p.startswith("pbc/")]
+    assert 0.15 * 1200 <= len(pbc_test) <= 0.25 * 1200

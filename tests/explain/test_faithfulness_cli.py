@@ -42,14 +42,23 @@ def test_faithfulness_matches_the_benchmark_and_records_for_explain(shipped_copy
     printed = capsys.readouterr().out
     assert "gradcam" in printed and "insertion - deletion" in printed
     got = json.loads(out.read_text())["cells"]["methods"]
-    # the same per-image curves as benchmarks/explain_localisation.py on these cells (its committed 50-cell run)
+    # the CLI measures exactly what the library's measure() gives on these cells, computed here in the same run
+    from leukoscope.data.images import read_image
+    from leukoscope.explain.faithfulness import measure
+    from leukoscope.models import load_model
+
+    ref = measure(load_model(str(shipped_copy)), [read_image(c) for c in cells], ["gradcam", "occlusion"],
+                  road_percentiles=None)["methods"]
+    # and the benchmark's committed 50-cell run (benchmarks/explain_localisation.py) agrees on its first 6 cells, to
+    # within what another CPU's arithmetic moves a mean of 6 curve areas (0.0002 seen between AMD and Intel)
     bench = json.loads(BENCH.read_text())["cnmc"]
-    for m in ("gradcam", "occlusion"):
-        per = bench["methods"][m]["per_image"]
+    for m in ("gradcam", "occlusion", "random"):
         assert got[m]["n"] == 6
-        assert got[m]["deletion_auc"] == pytest.approx(sum(per["del"][:6]) / 6, abs=1e-4)
-        assert got[m]["insertion_auc"] == pytest.approx(sum(per["ins"][:6]) / 6, abs=1e-4)
-    assert got["random"]["deletion_auc"] == pytest.approx(sum(bench["random"]["per_image"]["del"][:6]) / 6, abs=1e-4)
+        for key in ("deletion_auc", "insertion_auc"):
+            assert got[m][key] == pytest.approx(ref[m][key], rel=1e-6)
+        per = (bench["random"] if m == "random" else bench["methods"][m])["per_image"]
+        assert got[m]["deletion_auc"] == pytest.approx(sum(per["del"][:6]) / 6, abs=0.01)
+        assert got[m]["insertion_auc"] == pytest.approx(sum(per["ins"][:6]) / 6, abs=0.01)
 
     rec = json.loads((shipped_copy / "faithfulness.json").read_text())
     assert set(rec["methods"]) == {"gradcam", "occlusion"} and rec["methods"]["gradcam"]["n_cells"] == 6

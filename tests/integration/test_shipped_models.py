@@ -43,7 +43,10 @@ def test_predict_with_no_model_argument_uses_the_default(tmp_path, data_root):
 
 def test_card_numbers_reproduce_from_the_shipped_weights(data_root):
     card = (SHIPPED_DIR / "leukemia-cell" / "MODEL_CARD.md").read_text()
-    stated = float(re.search(r"\| images from aria \| \d+ \| ([0-9.]+) \|", card).group(1))
+    m = re.search(r"\| images from aria \| (\d+) \| ([0-9.]+) \|", card)
+    n, stated = int(m.group(1)), float(m.group(2))
     res = evaluate_model("leukemia-cell", "aria", "test")
-    assert res["per_image"]["accuracy"] == pytest.approx(stated, abs=5e-4)
+    assert res["per_image"]["n"] == n
+    # another CPU's arithmetic may move a borderline image across the threshold: one label of n, no more
+    assert abs(res["per_image"]["accuracy"] - stated) <= 1 / n + 5e-4
     assert res["per_image"]["auc"] > 0.98  # measured 0.996 on held-out aria groups

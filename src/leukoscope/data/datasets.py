@@ -92,14 +92,21 @@ class Dataset:
         return {c: counts.get(c, 0) for c in self.classes}
 
     def with_target(self, target: str) -> Dataset:
-        """The same samples labelled by another of their labels (e.g. ``"binary"`` instead of ``"subtype"``)."""
+        """The same samples labelled by another of their labels (e.g. ``"binary"`` instead of ``"subtype"``).
+
+        A sample whose label for ``target`` is ``None`` has no answer for it (e.g. a smudge cell for ``binary``): it
+        is left out and listed in ``excluded`` with the reason its loader gave (``meta["why_no_<target>"]``).
+        """
         missing = [s for s in self.samples if target not in s.labels]
         if missing:
             have = sorted(self.samples[0].labels) if self.samples else []
             raise ValueError(f"dataset {self.name!r} has no target {target!r}; its targets are {have}")
-        samples = [replace(s, label=s.labels[target]) for s in self.samples]
+        kept = [s for s in self.samples if s.labels[target] is not None]
+        left_out = [(str(s.path), s.meta.get(f"why_no_{target}", f"no {target} label"))
+                    for s in self.samples if s.labels[target] is None]
+        samples = [replace(s, label=s.labels[target]) for s in kept]
         classes = _class_order(target, [s.label for s in samples])
-        return replace(self, samples=samples, classes=classes, target=target)
+        return replace(self, samples=samples, classes=classes, target=target, excluded=self.excluded + left_out)
 
 
 _DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
@@ -251,10 +258,13 @@ def _load_aria(root: Path) -> Dataset:
             start = (number // ARIA_BLOCK) * ARIA_BLOCK
             group = f"{cls}:{start:03d}-{start + ARIA_BLOCK - 1:03d}"
             binary = HEALTHY if cls == "Benign" else LEUKEMIC
+            # a held-out part is a contiguous range of numbers at the end of each class (splits.group_split), as
+            # new images of this source would be: neighbouring numbers share patients and slides
             samples.append(Sample(path, cls, group, "aria", labels={"subtype": cls, "binary": binary},
-                                  meta={"number": number}))
+                                  meta={"number": number, "range": (cls, number, ARIA_BLOCK)}))
     return Dataset("aria", root, samples, list(ARIA_CLASSES), "subtype", excluded=excluded,
-                   group_by=f"blocks of {ARIA_BLOCK} neighbouring image numbers per class (no patient ids exist)")
+                   group_by=f"blocks of {ARIA_BLOCK} neighbouring image numbers per class (no patient ids exist); "
+                            "held out as contiguous number ranges at the end of each class")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,6 +338,22 @@ def _load_all_idb1(root: Path) -> Dataset:
 # DeepAPL (cell types, patient, AML / APL diagnosis)
 # --------------------------------------------------------------------------------------------------------------
 _PATIENT = re.compile(r"^Patient_\d+$")
+# healthy vs leukemic for single cells of AML / APL patients. Blasts and promonocytes (blast equivalents in AML) are
+# leukemic; mature and maturing normal types are healthy (as in healthy donors' blood, e.g. PBC). Left out, because a
+# single cell of the type does not say which: promyelocytes (the malignant cell of APL, a normal maturing cell
+# elsewhere), variant lymphocytes (reactive or atypical), smudge cells (broken cells of any kind) and plasma cells.
+DEEPAPL_BINARY = {
+    "Blast, no lineage spec": LEUKEMIC, "Promonocyte": LEUKEMIC,
+    "Lymphocyte": HEALTHY, "Segmented neutrophils": HEALTHY, "Band neutrophils": HEALTHY, "Monocyte": HEALTHY,
+    "Eosinophils": HEALTHY, "Basophil": HEALTHY, "Erythroblast": HEALTHY, "Myelocyte": HEALTHY,
+    "Metamyelocyte": HEALTHY,
+}
+DEEPAPL_NO_BINARY = {
+    "Promyelocyte": "promyelocyte: the malignant cell in APL, a normal maturing cell elsewhere",
+    "Lymphocyte, variant": "variant lymphocyte: reactive or atypical, not told apart",
+    "Smudge cells": "smudge cell: a broken cell of any kind",
+    "Plasma cells": "plasma cell: neither a blast nor a normal blood cell",
+}
 
 
 @register_dataset("deepapl", folder="aml_multiclass")
@@ -348,11 +374,44 @@ def _load_deepapl(root: Path) -> Dataset:
         if row is None:
             continue
         cell_type = path.parent.name
-        labels = {"cell_type": cell_type, "diagnosis": row["Diagnosis"]}
+        binary = DEEPAPL_BINARY.get(cell_type)
+        labels = {"cell_type": cell_type, "diagnosis": row["Diagnosis"], "binary": binary}
         meta = {"cohort": row["Cohort"], "age": row.get("Age at Diagnosis"), "gender": row.get("Gender")}
+        if binary is None:
+            meta["why_no_binary"] = DEEPAPL_NO_BINARY.get(cell_type, f"cell type {cell_type!r} has no binary label")
         samples.append(Sample(path, cell_type, patient, "deepapl", labels=labels, meta=meta))
     classes = sorted({s.label for s in samples})
     return Dataset("deepapl", root, samples, classes, "cell_type", group_by="patient")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PBC (Barcelona, CellaVision DM96): normal blood cells of healthy donors, 8 groups
+# --------------------------------------------------------------------------------------------------------------
+# PBC group -> DeepAPL cell type (target ``cell_type``); None: no single DeepAPL type (``ig`` holds promyelocytes,
+# myelocytes and metamyelocytes not told apart; platelets are not white cells).
+PBC_CELL_TYPES = {"basophil": "Basophil", "eosinophil": "Eosinophils", "erythroblast": "Erythroblast",
+                  "ig": None, "lymphocyte": "Lymphocyte", "monocyte": "Monocyte",
+                  "neutrophil": "Segmented neutrophils", "platelet": None}
+
+
+@register_dataset("pbc", folder="pbc")
+def _load_pbc(root: Path) -> Dataset:
+    """Every image is a normal cell of a healthy donor, so ``binary`` is healthy for all, promyelocytes (``ig``) and
+    platelets included: none of them is leukemic. No donor ids exist: each image is its own group (optimistic)."""
+    samples = []
+    for group_name, cell_type in PBC_CELL_TYPES.items():
+        folder = root / group_name
+        if not folder.is_dir():
+            continue
+        for path in _images_under(folder):
+            meta = {} if cell_type else {"why_no_cell_type": f"PBC group {group_name!r} maps to no single cell type"}
+            samples.append(Sample(path, group_name, path.stem, "pbc",
+                                  labels={"pbc_group": group_name, "binary": HEALTHY, "cell_type": cell_type},
+                                  meta=meta))
+    if not samples:
+        raise DatasetNotFoundError(f"pbc: none of the group folders {list(PBC_CELL_TYPES)} under {root}")
+    return Dataset("pbc", root, samples, sorted({s.label for s in samples}), "pbc_group",
+                   group_by="image (no donor ids exist)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -442,11 +501,10 @@ def combine(datasets: list[Dataset], name: str = "combined") -> Dataset:
     targets = {d.target for d in datasets}
     if len(targets) != 1:
         raise ValueError(f"cannot combine datasets with different targets {sorted(targets)}")
-    classes = datasets[0].classes
+    # a source may lack classes that others have (PBC has no leukemic cells): the classes are the union
+    classes = _class_order(datasets[0].target, [c for d in datasets for c in d.classes])
     samples = []
     for d in datasets:
-        if d.classes != classes:
-            raise ValueError(f"cannot combine {d.name!r} with classes {d.classes} and classes {classes}")
         samples += [replace(s, group=f"{s.source}/{s.group}") for s in d.samples]
     root = Path(os.path.commonpath([str(d.root) for d in datasets]))
     excluded = [e for d in datasets for e in d.excluded]

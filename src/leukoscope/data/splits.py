@@ -103,14 +103,53 @@ def group_kfold(ds: Dataset, n_splits: int = 5, seed: int = 0) -> Split:
     return Split(ds.name, ds.target, "kfold", seed, parts, {"n_splits": n_splits})
 
 
+def range_parts(samples: list[Sample], test_size: float, val_size: float) -> list[str]:
+    """The part of each sample that carries ``meta["range"] = (key, number, block)``: per key, the last
+    ``test_size`` of the numbers (at least that share) are ``test``, the ``val_size`` before them ``val``, the rest
+    ``train``. Boundaries fall on multiples of ``block``, so no block of neighbouring numbers is cut."""
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_key[s.meta["range"][0]].append(i)
+    part = ["train"] * len(samples)
+    for idx in by_key.values():
+        numbers = np.array(sorted(samples[i].meta["range"][1] for i in idx))
+        block = samples[idx[0]].meta["range"][2]
+
+        def edge(share: float, numbers: np.ndarray = numbers, block: int = block) -> int:
+            """The highest block edge with at least ``share`` of the numbers at or above it."""
+            k = max(1, int(np.ceil(share * len(numbers))))
+            return int(numbers[-k] // block * block)
+
+        test_from = edge(test_size)
+        val_from = edge(test_size + val_size) if val_size > 0 else test_from
+        for i in idx:
+            n = samples[i].meta["range"][1]
+            part[i] = "test" if n >= test_from else "val" if n >= val_from else "train"
+    return part
+
+
 def group_split(ds: Dataset, test_size: float = 0.2, val_size: float = 0.1, seed: int = 0) -> Split:
     """Stratified group train / validation / test split.
 
     ``test_size`` and ``val_size`` are fractions of the whole; they are met as closely as whole groups allow
-    (one round of a stratified group k-fold with ``round(1 / size)`` folds).
+    (one round of a stratified group k-fold with ``round(1 / size)`` folds). Samples whose loader gives them a
+    number range (``meta["range"]``: aria, which has no patient ids) are held out as contiguous ranges at the end
+    instead (:func:`range_parts`), as new images of such a source would be.
     """
     if not 0 < test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
         raise ValueError(f"test_size and val_size must be in (0, 1) and sum below 1, got {test_size}, {val_size}")
+    ranged = [s for s in ds.samples if "range" in s.meta]
+    if ranged:
+        rest = ds.subset([s for s in ds.samples if "range" not in s.meta])
+        parts = {"train": [], "val": [], "test": []}
+        for s, part in zip(ranged, range_parts(ranged, test_size, val_size)):
+            parts[part].append(ds.relpath(s))
+        if len(rest):
+            sub = group_split(rest, test_size, val_size, seed)
+            for k in parts:
+                parts[k] += sub.parts[k]
+        return Split(ds.name, ds.target, "holdout", seed, parts,
+                     {"test_size": test_size, "val_size": val_size, "ranges": "contiguous number ranges per class"})
     idx = np.arange(len(ds))
     fold = _fold_ids(ds.labels, ds.groups, max(2, round(1 / test_size)), seed)
     test_idx, rest = idx[fold == 0], idx[fold != 0]
