@@ -53,6 +53,12 @@ class TrainConfig:
     #                        cell on a black background (leukoscope.train.cam_mask); 0: off
     schedule: str = "cosine"  # cosine | none
     label_smoothing: float = 0.0
+    full_finetune: bool = False  # train every layer on images held on the device (leukoscope.train.finetune);
+    #                              the cached-stem keys (trainable_stages, cache_stem, aug_views, cam_mask) do not apply
+    augment_strength: float = 1.0  # full_finetune: scale of the on-device augmentation (0: none)
+    weights_dtype: str = "float32"  # float32 | float16: how model.safetensors stores the weights (half the size)
+    operating_point: str = "argmax"  # argmax | balanced: a two-class model answers "positive" from the threshold on
+    #                                  validation where sensitivity equals specificity (stored in model.json)
     seed: int = 0
     split: str = ""  # split file; empty: make a stratified group split and save it in the model directory
     split_seed: int = -1  # seed of the split made when `split` is empty; -1: the same as `seed` (so that a run with
@@ -130,7 +136,16 @@ def make_config(overrides: dict[str, Any] | None = None, file: str | Path | None
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"Unknown config key {key!r} in {where}.{hint} Known keys: {sorted(known)}")
             values[key] = _coerce(key, value, getattr(base, key))
+    for key, allowed in CHOICES.items():
+        if key in values and values[key] not in allowed:
+            raise ValueError(f"Unknown {key} {values[key]!r}. Available: {list(allowed)}")
     return dataclasses.replace(base, **values)
+
+
+# keys whose values are names: checked when the config is built, before minutes of data loading
+CHOICES = {"operating_point": ("argmax", "balanced"), "weights_dtype": ("float32", "float16"),
+           "schedule": ("cosine", "none"), "optimizer": ("adam", "adamw"),
+           "balance": ("weights", "sampler", "source", "none")}
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:

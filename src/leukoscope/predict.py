@@ -104,7 +104,7 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
 
         proba = softmax(model.logits(np.stack(batch_x)) / model.temperature)
         for p, pr in zip(batch_p, proba):
-            k = int(pr.argmax())
+            k = model.decide(pr)
             preds.append(Prediction(str(p), model.classes[k], float(pr[k]),
                                     {c: float(v) for c, v in zip(model.classes, pr)}))
         batch_x.clear()
@@ -143,6 +143,6 @@ def predict(image: str | Path | np.ndarray | bytes, model: LoadedModel | str | N
         model = load_model(model)
     rgb = image if isinstance(image, np.ndarray) else read_image(image)
     proba = model.predict_arrays([rgb])[0]
-    k = int(proba.argmax())
+    k = model.decide(proba)
     name = "<array>" if isinstance(image, np.ndarray) else ("<bytes>" if isinstance(image, bytes) else str(image))
     return Prediction(name, model.classes[k], float(proba[k]), {c: float(v) for c, v in zip(model.classes, proba)})

@@ -7,6 +7,7 @@ import pytest
 
 from leukoscope.evaluate.metrics import (
     aggregate_by_group,
+    balanced_threshold,
     binary_metrics,
     bootstrap_auc_ci,
     expected_calibration_error,
@@ -67,3 +68,16 @@ def test_ece_perfect_and_overconfident():
     # always 0.9 confident, right half the time: ECE = |0.5 - 0.9| = 0.4
     proba = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
     assert expected_calibration_error(np.array([0, 1, 0, 1]), proba) == pytest.approx(0.4)
+
+
+def test_balanced_threshold_equalises_sensitivity_and_specificity():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.7, 0.4, 0.8, 0.9, 0.95])
+    # between 0.4 and 0.7 (t = 0.55): sensitivity 3/4, specificity 3/4; at every other cut they differ
+    np.testing.assert_allclose(balanced_threshold(y, p), 0.55, rtol=1e-6)
+    # separable scores: the cut in the gap between the classes balances both at 1
+    np.testing.assert_allclose(balanced_threshold([0, 0, 1, 1], [0.01, 0.02, 0.03, 0.04]), 0.025, rtol=1e-6)
+    # the cut is midway between the neighbouring scores 0.3 and 0.6
+    np.testing.assert_allclose(balanced_threshold([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.8, 0.9]), 0.45)
+    with pytest.raises(ValueError, match="both classes"):
+        balanced_threshold([1, 1], [0.2, 0.3])

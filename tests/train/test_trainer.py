@@ -197,3 +197,26 @@ def test_split_seed_keeps_the_split_when_the_weights_seed_changes(data_root):
         parts[name] = make_or_load_split(make_config({**base, **extra}), ds).parts
     assert parts["seed1"]["test"] != parts["seed0"]["test"]  # the seed moves the split...
     assert parts["seed1_split0"] == parts["seed0"]  # ...unless split_seed pins it
+
+
+def test_operating_point_and_half_precision_weights(tmp_path, data_root):
+    from leukoscope.models import load_model
+
+    cfg = make_config({"name": "op", "datasets": ("all_idb2",), "epochs": 2, "aug_views": 1, "batch_size": 32,
+                       "operating_point": "balanced", "weights_dtype": "float16"})
+    res = train(cfg, tmp_path / "op", progress=False)
+    info = json.loads((tmp_path / "op" / "model.json").read_text())
+    t = info["threshold"]
+    assert 0 < t < 1 and info["weights_dtype"] == "float16"
+    state = load_file(str(tmp_path / "op" / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    val = res.metrics["operating_point"]["val"]  # chosen there: sensitivity and specificity as equal as counts allow
+    n_pos, n_neg = val["n_pos"], val["n"] - val["n_pos"]
+    assert abs(val["sensitivity"] - val["specificity"]) <= 1 / min(n_pos, n_neg) + 1e-9
+    assert "## Operating point" in (tmp_path / "op" / "MODEL_CARD.md").read_text()
+    # the loaded model answers at the stored threshold
+    model = load_model(tmp_path / "op", backend="torch")
+    assert model.threshold == t
+    assert model.decide(np.array([1 - t, t])) == 1 and model.decide(np.array([1 - t + 1e-3, t - 1e-3])) == 0
+    with pytest.raises(ValueError, match="Unknown operating_point"):
+        make_config({"operating_point": "youden"})

@@ -88,6 +88,23 @@ def binary_metrics(
     }
 
 
+def balanced_threshold(y_true: Sequence[int], p_pos: Sequence[float]) -> float:
+    """The threshold on ``p_pos`` (``p >= t`` positive) where sensitivity and specificity are closest to equal, taken
+    midway between the two neighbouring scores; ties go to the threshold nearest 0.5. Both classes are needed."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_pos, dtype=float)
+    if y.min() == y.max():
+        raise ValueError("balanced_threshold needs both classes")
+    s = np.unique(p)
+    cands = np.concatenate([[s[0] / 2], (s[1:] + s[:-1]) / 2, [(s[-1] + 1) / 2]])
+    pos, neg = p[y == 1], p[y == 0]
+    sens = (pos[None, :] >= cands[:, None]).mean(1)
+    spec = (neg[None, :] < cands[:, None]).mean(1)
+    gap = np.abs(sens - spec)
+    best = np.flatnonzero(gap <= gap.min() + 1e-12)
+    return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
+
+
 def multiclass_metrics(
     y_true: Sequence[int], proba: np.ndarray, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
     groups: Sequence[str] | None = None,

@@ -206,6 +206,25 @@ def _trained_on(t: dict, seconds: float | None) -> str:
             "other hardware gives other weights (floating-point order differs), as another seed would.")
 
 
+def label_mapping(cfg, ds) -> list[str]:
+    """Markdown lines saying which source labels became which class, for a multi-source two-class model."""
+    if cfg.target != "binary" or len(cfg.datasets) < 2:
+        return []
+    from leukoscope.data.datasets import DEEPAPL_BINARY, DEEPAPL_NO_BINARY, PBC_CELL_TYPES
+
+    known = {
+        "aria": "leukemic: Early, Pre, Pro (B-ALL); healthy: Benign (hematogones)",
+        "all_idb2": "leukemic: `_1` crops (ALL blasts); healthy: `_0` crops",
+        "cnmc2019": "leukemic: `all` cells (B-ALL); healthy: `hem` cells (normal B precursors)",
+        "pbc": f"healthy: every group ({', '.join(PBC_CELL_TYPES)}), promyelocytes in `ig` and platelets "
+               "included: all come from healthy donors",
+        "deepapl": "leukemic: " + ", ".join(k for k, v in DEEPAPL_BINARY.items() if v == "leukemic")
+                   + "; healthy: " + ", ".join(k for k, v in DEEPAPL_BINARY.items() if v == "healthy")
+                   + "; left out: " + "; ".join(DEEPAPL_NO_BINARY.values()),
+    }
+    return [f"- {d}: {known.get(d, 'its own binary labels')}" for d in cfg.datasets]
+
+
 def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
     """MODEL_CARD.md: data seen, split, metrics with CIs, intended use, limits."""
     sizes = {k: len(v) for k, v in split.parts.items()}
@@ -264,14 +283,31 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         "scaling.",
         "Sensitivity/specificity are for the positive class (second class) at probability 0.5; n/a for more classes.",
         "AUC CIs are percentile bootstraps over groups (1000 resamples).", "",
+    ]
+    op = metrics.get("operating_point")
+    if op:
+        lines += [
+            "## Operating point",
+            f"The model answers `{info['classes'][1]}` when its calibrated probability reaches {op['threshold']:.3f}, "
+            f"the threshold where {op['aim']} (stored in `model.json` as `threshold`).", "",
+            "| part | n | sensitivity | specificity | accuracy |", "|---|---|---|---|---|",
+            *[f"| {part} | {m['n']} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['accuracy']:.3f} |"
+              for part, m in (("validation", op["val"]), ("test", op["test"]))], "",
+        ]
+    mapping = label_mapping(cfg, ds)
+    if mapping:
+        lines += ["## Label mapping", *mapping, ""]
+    lines += [
+        "The test part was scored once, when this model was written; nothing was chosen on it.", "",
         "## Intended use",
         "Research and a second reader for trained staff. It is not a medical device and has not been validated "
         "clinically. It answers for one cell at a time; a diagnosis is made for a patient by people.", "",
         "## Limits",
         "- Trained on small public datasets with their own stains, scanners and magnifications; expect lower accuracy "
         "on other labs' images until re-validated there.",
-        "- Aria and ALL-IDB have no patient ids: their groups are blocks of neighbouring image numbers and source "
-        "fields, so held-out groups may still share patients with training (optimistic estimates).",
+        "- Aria, ALL-IDB and PBC have no patient ids. Aria is held out as contiguous ranges of image numbers at the "
+        "end of each class, ALL-IDB by source field, PBC by image: held-out images may still share patients with "
+        "training (optimistic estimates).",
         "- Test sets are small: read the confidence intervals, not the point estimates.",
     ]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

@@ -53,7 +53,7 @@ def as_rgb(image: np.ndarray, name: str = "<array>") -> np.ndarray:
 def class_index(model: LoadedModel, target_class: int | str | None, proba: np.ndarray) -> int:
     """The explained class: the predicted one when ``target_class`` is None, else an index or a class name."""
     if target_class is None:
-        return int(np.argmax(proba))
+        return model.decide(proba)
     if isinstance(target_class, str):
         if target_class not in model.classes:
             raise ValueError(f"Unknown class {target_class!r}. The model's classes: {model.classes}")
@@ -279,7 +279,7 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     source = "<array>" if isinstance(image, np.ndarray) else str(image)
     rgb = as_rgb(image) if isinstance(image, np.ndarray) else read_image(image)
     proba = model.predict_arrays([rgb])[0]
-    k_pred = int(np.argmax(proba))
+    k_pred = model.decide(proba)
     k = class_index(model, target_class, proba)
     m = get_method(method)
     heat, layer_name = _heatmap(model, rgb, k, method, layer)

@@ -101,17 +101,35 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
-    """Write weights and ``model.json``; ``info`` holds spec, classes, preprocess, temperature, ...
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def round_weights(module: nn.Module, dtype: str) -> None:
+    """Round ``module``'s floating weights and buffers to ``dtype`` in place (they stay float32 tensors), so that what
+    is measured before saving is what :func:`save_model_dir` writes with that dtype and :func:`load_model` reads."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"Unknown weights dtype {dtype!r}. Available: {list(WEIGHT_DTYPES)}")
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(WEIGHT_DTYPES[dtype]).float())
+
+
+def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """Write weights (floating tensors as ``dtype``: float16 halves the file; :func:`load_model` reads either) and
+    ``model.json``; ``info`` holds spec, classes, preprocess, temperature, ...
 
     Returns ``info`` with the weights' SHA-256 and the parameter count added, as written."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    want = WEIGHT_DTYPES[dtype]
+    state = {k: (v.to(want) if v.is_floating_point() else v).detach().contiguous().clone()
+             for k, v in module.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     info = dict(info)
     info["weights_sha256"] = file_sha256(out / "model.safetensors")
+    info["weights_dtype"] = dtype
     info["n_parameters"] = int(sum(p.numel() for p in module.parameters()))
     (out / "model.json").write_text(json.dumps(info, indent=1))
     return info
@@ -205,6 +223,19 @@ class LoadedModel:
             return self._session.run(None, {"input": x})[0]
         with self._lock, torch.inference_mode():
             return self.module(torch.from_numpy(x)).float().numpy()
+
+    @property
+    def threshold(self) -> float | None:
+        """The operating threshold on P(second class) chosen on validation and stored with a two-class model
+        (``model.json`` ``threshold``); None: the most probable class is the answer."""
+        t = self.info.get("threshold")
+        return float(t) if t is not None and len(self.classes) == 2 else None
+
+    def decide(self, proba: np.ndarray) -> int:
+        """The answered class of one image's calibrated probabilities: the second class of a two-class model when its
+        probability reaches the stored operating threshold, else the most probable class."""
+        t = self.threshold
+        return int(proba[1] >= t) if t is not None else int(np.argmax(proba))
 
     def predict_arrays(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Calibrated class probabilities, shape (N, C), for RGB uint8 images."""
@@ -341,7 +372,7 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     info = json.loads((path / "model.json").read_text())
     module, _ = build_network(info["spec"], len(info["classes"]), pretrained="none")
     state = load_file(str(path / "model.safetensors"))
-    module.load_state_dict(state)
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     module.eval()
     model = LoadedModel(info.get("name", path.name), path, module, list(info["classes"]),
                         Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info,

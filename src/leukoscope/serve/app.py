@@ -500,7 +500,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
         def work() -> dict:
             rgb = decode(up)
             proba = m.predict_arrays([rgb])[0]
-            k = int(np.argmax(proba))
+            k = m.decide(proba)
             out = {"label": m.classes[k], "confidence": float(proba[k]),
                    "probabilities": {c: float(p) for c, p in zip(m.classes, proba, strict=True)}}
             res = base(name, m, up, rgb) | out

@@ -26,7 +26,7 @@ from leukoscope.data.images import read_image
 from leukoscope.data.splits import Split, assert_no_leak, group_split
 from leukoscope.errors import ImageReadError
 from leukoscope.models.backbones import mean_std
-from leukoscope.models.modeldir import build_network, save_model_dir
+from leukoscope.models.modeldir import build_network, round_weights, save_model_dir, softmax
 from leukoscope.preprocess.stain import fit_stain
 from leukoscope.preprocess.transforms import Augment, Preprocess
 from leukoscope.train.cam_mask import class_maps, outside_share, view_masks
@@ -120,6 +120,10 @@ def training_device(name: str) -> torch.device:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
     """Train a model as ``cfg`` says and write its model directory to ``out``."""
+    if cfg.full_finetune:
+        from leukoscope.train.finetune import train_full
+
+        return train_full(cfg, out, progress)
     if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
         raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
     check_source_weights(cfg.source_weights, cfg.datasets)
@@ -326,14 +330,43 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     best = torch.load(str(ckpt_dir / "best.pt"), map_location="cpu", weights_only=True)
     trainable.load_state_dict(best["model"])
     net.cpu().eval()
+    cpu = torch.device("cpu")
+    return FitResult(*write_model(
+        cfg, out, net, net_spec, ds, split, pre, weights_source, device,
+        val=(data["val"][1].numpy(), lambda: _logits(trainable, net, data["val"][0], cfg, cpu, pre)),
+        test=(data["test"][1].numpy(), lambda: _logits(trainable, net, data["test"][0], cfg, cpu, pre),
+              data["test"][2]),
+        history=history, best_epoch=int(best["epoch"]), t0=t0, failures=failures, n_train=n_train, rank=rank,
+        world=world, ddp_info=ddp_info))
 
-    val_logits = _logits(trainable, net, data["val"][0], cfg, torch.device("cpu"), pre)
-    temperature = fit_temperature(val_logits, data["val"][1].numpy())
-    test_logits = _logits(trainable, net, data["test"][0], cfg, torch.device("cpu"), pre)
+
+def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds: Dataset, split: Split,
+                pre: Preprocess, weights_source: str, device: torch.device, val: tuple, test: tuple,
+                history: list[dict], best_epoch: int, t0: float, failures: list, n_train: int, rank: int = 0,
+                world: int = 1, ddp_info: dict | None = None) -> tuple[Path, dict, list[dict]]:
+    """The end of every training path: round the weights to ``cfg.weights_dtype``, fit the temperature and the
+    operating threshold on validation, score the test part once, and write the model directory (rank 0).
+
+    Args:
+        net: the trained network on the CPU, in eval mode.
+        val: ``(labels, logits_fn)``; test: ``(labels, logits_fn, samples)``; each ``logits_fn()`` gives the
+            network's logits after the rounding.
+    """
+    round_weights(net, cfg.weights_dtype)  # everything below measures the weights as they are saved
+    y_val, y_test = val[0], test[0]
+    val_logits = val[1]()
+    temperature = fit_temperature(val_logits, y_val)
+    threshold = None
+    if cfg.operating_point == "balanced" and len(ds.classes) == 2:
+        from leukoscope.evaluate.metrics import balanced_threshold
+
+        threshold = balanced_threshold(y_val, softmax(val_logits / temperature)[:, 1])
+    test_logits = test[1]()
     info = {
         "name": cfg.name, "spec": net_spec, "classes": ds.classes, "target": cfg.target,
         "preprocess": pre.to_dict(), "temperature": temperature, "target_layer": net.target_layer,
-        "weights_source": weights_source, "datasets": list(cfg.datasets), "best_epoch": int(best["epoch"]),
+        "weights_source": weights_source, "datasets": list(cfg.datasets), "best_epoch": best_epoch,
+        "threshold": threshold,
         "trained_seconds": round(time.time() - t0, 1),
         "trained_on": {"device": device.type, "amp": bool(cfg.amp and device.type == "cuda"), "world_size": world,
                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -343,19 +376,26 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if rank == 0:
         from leukoscope.evaluate.report import evaluate_predictions, write_card
 
-        info = save_model_dir(out, net, info)
+        info = save_model_dir(out, net, info, cfg.weights_dtype)
         metrics = evaluate_predictions(
-            ds.classes, data["test"][1].numpy(), test_logits, temperature, data["test"][2], out_dir=out,
-            val=(data["val"][1].numpy(), val_logits), title=f"{cfg.name} on held-out groups")
-        metrics["training"] = {"n_train": n_train, "n_val": len(data["val"][1]), "n_test": len(data["test"][1]),
-                               "epochs_run": len(history), "best_epoch": int(best["epoch"]),
+            ds.classes, y_test, test_logits, temperature, test[2], out_dir=out,
+            val=(y_val, val_logits), title=f"{cfg.name} on held-out groups")
+        if threshold is not None:  # the answers the model gives: at the operating threshold chosen on validation
+            from leukoscope.evaluate.metrics import binary_metrics
+
+            metrics["operating_point"] = {
+                "aim": "sensitivity = specificity on validation", "threshold": threshold,
+                "val": binary_metrics(y_val, softmax(val_logits / temperature)[:, 1], threshold),
+                "test": binary_metrics(y_test, softmax(test_logits / temperature)[:, 1], threshold)}
+        metrics["training"] = {"n_train": n_train, "n_val": len(y_val), "n_test": len(y_test),
+                               "epochs_run": len(history), "best_epoch": best_epoch,
                                "unreadable": [{"path": p, "reason": r} for p, r in failures],
                                "seconds": info["trained_seconds"]}
         if ddp_info:
             metrics["training"]["ddp"] = ddp_info
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
         write_card(out, cfg, ds, split, info, metrics)
-    return FitResult(out, metrics, history)
+    return out, metrics, history
 
 
 def _cam_masks(cfg: TrainConfig, net: nn.Module, trainable: _Trainable, train: tuple, pre: Preprocess,
