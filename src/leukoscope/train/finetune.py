@@ -67,8 +67,8 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) 
 
     Flips and any rotation (a cell has no orientation), zoom 0.8-1.25 and shift up to 8 % (scale differs between
     microscopes), brightness and contrast +-25 %, saturation +-30 % and a per-channel gain of +-10 % (stains differ
-    between laboratories), each scaled by ``strength`` (0: no change, no flip). Pixels that come from outside the image are filled by
-    reflection."""
+    between laboratories), each scaled by ``strength`` (0: no change, no flip). Pixels that come from outside the
+    image are filled by reflection."""
     b, dev = x.shape[0], x.device
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
