@@ -3,7 +3,7 @@
     # the split parts of trained models (several seeds of one recipe), per source; --part val for choices
     python benchmarks/heldout_sources.py parts runs/ms_s0 runs/ms_s1 runs/ms_s2 --part val --json out.json
     # leave-one-source-out: train the config without source S (seeds 0 1 2), score every image of S
-    python benchmarks/heldout_sources.py loso --config configs/leukemia-cell-multisource.yaml --hold-out pbc \
+    python benchmarks/heldout_sources.py loso --config configs/leukemia-cell.yaml --hold-out pbc \
         --seeds 0 1 2 --json benchmarks/results/loso_leukemia-cell.json
 
 For each source: n, AUC, sensitivity and specificity at the model's operating threshold (0.5 when it stores none),

@@ -340,6 +340,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         world=world, ddp_info=ddp_info))
 
 
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None (JSON has no NaN: an AUC of a one-class source is undefined, not a
+    number) and NumPy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds: Dataset, split: Split,
                 pre: Preprocess, weights_source: str, device: torch.device, val: tuple, test: tuple,
                 history: list[dict], best_epoch: int, t0: float, failures: list, n_train: int, rank: int = 0,
@@ -393,7 +407,7 @@ def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds:
                                "seconds": info["trained_seconds"]}
         if ddp_info:
             metrics["training"]["ddp"] = ddp_info
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+        (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
         write_card(out, cfg, ds, split, info, metrics)
     return out, metrics, history
 
