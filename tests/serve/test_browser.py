@@ -71,8 +71,10 @@ def test_upload_cell_shows_api_answer_and_toggles_heatmap(page, live_server, cel
     assert float(card.get_attribute("data-confidence")) == pytest.approx(api["confidence"], abs=1e-6)
     assert float(card.locator(".bar").get_attribute("aria-valuenow")) == pytest.approx(100 * api["confidence"],
                                                                                       abs=0.06)
-    # Grad-CAM passes its faithfulness test on the shipped model: no caution on the card
-    assert card.locator(".faithfulness").is_hidden()
+    # the card shows the heatmap caution exactly when the API's faithfulness verdict for this image is not "passes"
+    verdict = httpx.post(live_server + "/v1/explain", files={"file": (path.name, path.read_bytes(), "image/tiff")},
+                         data={"model": "main"}, timeout=60).json()["faithfulness"]["verdict"]
+    assert card.locator(".faithfulness").is_hidden() is (verdict == "passes"), verdict
     # The heatmap is shown first; the toggle switches to the plain image and back.
     img = card.locator("img.view")
     toggle = card.locator(".heatmap-toggle")
@@ -103,7 +105,7 @@ def test_upload_cell_shows_api_answer_and_toggles_heatmap(page, live_server, cel
 
 def test_heatmap_caution_shows_when_the_method_did_not_pass(page, live_server, cell_paths):
     """The API's faithfulness verdict, turned to one that did not pass on its way to the page, becomes a visible
-    caution with the note (the shipped model's Grad-CAM passes, so the real answer shows none)."""
+    caution with the note."""
     import json
 
     path = cell_paths[0]
