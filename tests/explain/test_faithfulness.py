@@ -168,7 +168,7 @@ def test_image_kind_tells_a_cell_on_black_from_a_smear_image(cnmc_paths, data_ro
     assert image_kind(read_image(data_root / "all_aria" / "Original" / "Benign" / "WBC-Benign-030.jpg")) == "smear"
 
 
-def test_shipped_model_record_is_of_its_weights_and_its_default_method_passes():
+def test_shipped_model_record_is_of_its_weights_and_complete_for_each_kind():
     from leukoscope.explain import METHODS
     from leukoscope.models import resolve_model_dir
 
