@@ -128,9 +128,10 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
         write_model,
     )
 
-    if cfg.subclasses or cfg.cam_mask or cfg.stain != "none" or cfg.model != "cnn":
-        raise ValueError("full_finetune trains a plain CNN: subclasses, cam_mask, stain normalisation and the hybrid "
-                         "model need the cached-stem trainer (full_finetune: false)")
+    if cfg.subclasses or cfg.cam_mask or cfg.stain != "none" or cfg.model != "cnn" or cfg.balance == "sampler":
+        raise ValueError("full_finetune trains a plain CNN with a weighted loss: subclasses, cam_mask, stain "
+                         "normalisation, balance: sampler and the hybrid model need the cached-stem trainer "
+                         "(full_finetune: false)")
     device = training_device(cfg.device)
     out = Path(out)
     seed_everything(cfg.seed)

@@ -120,13 +120,11 @@ def training_device(name: str) -> torch.device:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
     """Train a model as ``cfg`` says and write its model directory to ``out``."""
+    check_source_weights(cfg.source_weights, cfg.datasets)  # before minutes of data loading (balance: make_config)
     if cfg.full_finetune:
         from leukoscope.train.finetune import train_full
 
         return train_full(cfg, out, progress)
-    if cfg.balance not in BALANCE_MODES:  # before minutes of data loading and stem features
-        raise ValueError(f"Unknown balance {cfg.balance!r}. Available: {list(BALANCE_MODES)}")
-    check_source_weights(cfg.source_weights, cfg.datasets)
     device = training_device(cfg.device)  # a bad device fails here, before minutes of data loading
     rank, world = _dist_info()
     out = Path(out)
@@ -470,9 +468,6 @@ def _logits(trainable: _Trainable, net: nn.Module, x: torch.Tensor | list, cfg: 
         z = trainable(xb)
         out.append((net.coarse(z) if hasattr(net, "coarse") else z).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-BALANCE_MODES = ("weights", "sampler", "source", "none")
 
 
 def subclass_of(sample: Sample, label: str) -> str:
