@@ -63,6 +63,7 @@ def test_cli_csv_columns_patients_and_cell_counts(cli_run, patient_dirs):
         p_aml, p_apl, conf = float(r["p_AML"]), float(r["p_APL"]), float(r["confidence"])
         np.testing.assert_allclose(p_aml + p_apl, 1.0, atol=2e-6)
         assert r["label"] == ("APL" if p_apl >= threshold else "AML")
+        assert 0.0 <= float(r["ood_share"]) <= 1.0  # the cell-type model's out-of-distribution flags, per patient
         np.testing.assert_allclose(conf, max(p_aml, p_apl) if threshold == 0.5 else (p_apl if r["label"] == "APL"
                                                                                      else p_aml), atol=1e-6)
 

@@ -36,13 +36,17 @@ def test_csv_columns_and_unreadable_files(cells, tiny_model_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "broken.png" in err and "missing.png: file does not exist" in err
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "label", "confidence", "p_healthy", "p_leukemic"]
+    threshold = load_model(tiny_model_dir).ood.threshold
+    assert list(rows[0]) == ["path", "label", "confidence", "p_healthy", "p_leukemic", "ood", "ood_score", "warnings"]
     assert len(rows) == 9  # 8 + the nested one; notes.txt is not an image file, broken.png unreadable
     assert any(r["path"].endswith("sub/nested.tif") for r in rows)
     for r in rows:
         p = np.array([float(r["p_healthy"]), float(r["p_leukemic"])])
         assert abs(p.sum() - 1) < 1e-5 and float(r["confidence"]) == pytest.approx(p.max(), abs=1e-6)
         assert r["label"] == ["healthy", "leukemic"][int(p.argmax())]
+        assert r["ood"] in ("true", "false") and float(r["ood_score"]) >= 0  # training fitted a detector
+        margin = float(r["ood_score"]) - threshold  # the score is written with 4 decimals
+        assert margin > -1e-4 if r["ood"] == "true" else margin < 1e-4
 
 
 def test_cli_matches_python_api_and_torch_backend(cells, tiny_model_dir, tmp_path):
@@ -51,6 +55,8 @@ def test_cli_matches_python_api_and_torch_backend(cells, tiny_model_dir, tmp_pat
     row = next(csv.DictReader(out.open()))
     api = predict(cells / "sub" / "nested.tif", str(tiny_model_dir))
     assert api.probabilities["leukemic"] == pytest.approx(float(row["p_leukemic"]), abs=1e-6)
+    assert api.ood is (row["ood"] == "true") and api.ood_score == pytest.approx(float(row["ood_score"]), abs=1e-4)
+    assert ";".join(c for c, _ in api.warnings) == row["warnings"]
     torch_model = load_model(tiny_model_dir, backend="torch")
     onnx_model = load_model(tiny_model_dir, backend="onnx")
     paths, _ = collect_paths([cells])

@@ -209,6 +209,10 @@ def test_scan_cli_with_a_trained_model_and_gradcam(tiny_model_dir, idb1, tmp_pat
     again = scan_field(rgb, model, ScanConfig(gradcam=False))
     got = [doc["cells"][0][f"p_{k}"] for k in model.classes]
     np.testing.assert_allclose(got, [again.cells[0].proba[k] for k in model.classes], atol=1e-3)
+    # each cell carries the model's out-of-distribution flag; the field counts the flagged ones
+    assert doc["cells"][0]["ood"] is again.cells[0].ood is bool(again.cells[0].ood_score > model.ood.threshold)
+    assert doc["ood_cells"] == again.n_ood == sum(bool(c.ood) for c in again.counted)
+    assert isinstance(doc["warnings"], list)
     overlay = cv2.cvtColor(cv2.imread(str(out / "Im086_0.overlay.png")), cv2.COLOR_BGR2RGB)
     assert overlay.shape == rgb.shape
     x0, y0, x1, y1 = doc["cells"][0]["crop_box"]

@@ -9,7 +9,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +22,54 @@ from leukoscope.models.modeldir import LoadedModel, load_model
 
 @dataclass
 class Prediction:
+    """One image's answer.
+
+    Attributes:
+        label: the answered class (at the model's operating threshold when it stores one).
+        confidence: the calibrated probability of ``label``.
+        probabilities: every class's calibrated probability.
+        ood: True when the image is unlike the model's training images (its ``ood_score`` is above the threshold that
+            keeps 95 % of the validation images): the class is still given, but is not to be trusted. None when the
+            model has no out-of-distribution detector.
+        ood_score: the detector's score (higher is more unusual), None without a detector.
+        warnings: image-quality warnings (:mod:`leukoscope.preprocess.quality`), each ``(code, message)``.
+    """
+
     path: str
     label: str
     confidence: float
     probabilities: dict[str, float]
+    ood: bool | None = None
+    ood_score: float | None = None
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def trusted(self) -> bool:
+        """False when the image was flagged as out of distribution or drew a quality warning."""
+        return not self.ood and not self.warnings
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "confidence": self.confidence,
+                "probabilities": self.probabilities, "ood": self.ood, "ood_score": self.ood_score,
+                "warnings": [{"code": c, "message": m} for c, m in self.warnings]}
+
+
+def quality_warnings(model: LoadedModel, rgb: np.ndarray) -> list[tuple[str, str]]:
+    """The model's image-quality warnings for one RGB image (none when the model stores no quality reference)."""
+    ref = model.quality
+    return [] if ref is None else [(w.code, w.message) for w in ref.check(rgb)]
+
+
+def _answers(model: LoadedModel, names: list[str], x: np.ndarray,
+             warnings: list[list[tuple[str, str]]]) -> list[Prediction]:
+    proba, scores = model.proba_and_ood(x)
+    out = []
+    for i, (name, pr) in enumerate(zip(names, proba)):
+        k = model.decide(pr)
+        score = None if scores is None else float(scores[i])
+        out.append(Prediction(name, model.classes[k], float(pr[k]), {c: float(v) for c, v in zip(model.classes, pr)},
+                              None if score is None else bool(model.ood.flag(score)), score, warnings[i]))
+    return out
 
 
 def collect_paths(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -65,14 +109,16 @@ def collect_paths(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
     return paths, problems
 
 
-def _prepared(model: LoadedModel, paths: list[Path], workers: int) -> Iterator[tuple[Path, np.ndarray | str]]:
-    """Decode + preprocess in a thread pool (Pillow and OpenCV release the GIL), in input order."""
+def _prepared(model: LoadedModel, paths: list[Path], workers: int,
+              ) -> Iterator[tuple[Path, tuple[np.ndarray, list[tuple[str, str]]] | str]]:
+    """Decode, check quality and preprocess in a thread pool (Pillow and OpenCV release the GIL), in input order."""
 
-    def load(p: Path) -> np.ndarray | str:
+    def load(p: Path) -> tuple[np.ndarray, list[tuple[str, str]]] | str:
         try:
-            return model.preprocess(read_image(p))
+            rgb = read_image(p)
         except ImageReadError as exc:
             return exc.reason
+        return model.preprocess(rgb), quality_warnings(model, rgb)
 
     window = 64  # bounded read-ahead: memory stays flat however many files there are
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -91,32 +137,28 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
                   progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Predict every readable file; unreadable ones are returned as (path, reason), never fatal."""
     if not isinstance(model, LoadedModel):
-        model = load_model(model)
+        model = load_model(model, kind="image")
     preds: list[Prediction] = []
     failed: list[tuple[str, str]] = []
     batch_x: list[np.ndarray] = []
-    batch_p: list[Path] = []
+    batch_p: list[str] = []
+    batch_w: list[list[tuple[str, str]]] = []
 
     def flush() -> None:
-        if not batch_x:
-            return
-        from leukoscope.models.modeldir import softmax
-
-        proba = softmax(model.logits(np.stack(batch_x)) / model.temperature)
-        for p, pr in zip(batch_p, proba):
-            k = model.decide(pr)
-            preds.append(Prediction(str(p), model.classes[k], float(pr[k]),
-                                    {c: float(v) for c, v in zip(model.classes, pr)}))
+        if batch_x:
+            preds.extend(_answers(model, batch_p, np.stack(batch_x), batch_w))
         batch_x.clear()
         batch_p.clear()
+        batch_w.clear()
 
-    for path, x in tqdm(_prepared(model, paths, workers), total=len(paths), desc="predicting", unit="img",
-                        disable=not progress, leave=False):
-        if isinstance(x, str):
-            failed.append((str(path), x))
+    for path, item in tqdm(_prepared(model, paths, workers), total=len(paths), desc="predicting", unit="img",
+                           disable=not progress, leave=False):
+        if isinstance(item, str):
+            failed.append((str(path), item))
             continue
-        batch_x.append(x)
-        batch_p.append(path)
+        batch_x.append(item[0])
+        batch_w.append(item[1])
+        batch_p.append(str(path))
         if len(batch_x) >= batch_size:
             flush()
     flush()
@@ -124,13 +166,17 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
 
 
 def write_csv(preds: list[Prediction], classes: list[str], out: str | Path | None) -> None:
-    """Columns exactly ``path,label,confidence,p_<class>...`` in the model's class order (stdout if ``out`` is None)."""
+    """Columns ``path,label,confidence,p_<class>...`` in the model's class order, then ``ood`` (true / false, empty
+    without a detector), ``ood_score`` and ``warnings`` (quality warning codes joined by ``;``); stdout if ``out`` is
+    None."""
     buf = io.StringIO() if out is None else open(out, "w", newline="")  # noqa: SIM115
     try:
         w = csv.writer(buf)
-        w.writerow(["path", "label", "confidence", *[f"p_{c}" for c in classes]])
+        w.writerow(["path", "label", "confidence", *[f"p_{c}" for c in classes], "ood", "ood_score", "warnings"])
         for p in preds:
-            w.writerow([p.path, p.label, f"{p.confidence:.6f}", *[f"{p.probabilities[c]:.6f}" for c in classes]])
+            w.writerow([p.path, p.label, f"{p.confidence:.6f}", *[f"{p.probabilities[c]:.6f}" for c in classes],
+                        "" if p.ood is None else str(p.ood).lower(),
+                        "" if p.ood_score is None else f"{p.ood_score:.4f}", ";".join(c for c, _ in p.warnings)])
         if out is None:
             sys.stdout.write(buf.getvalue())
     finally:
@@ -138,11 +184,10 @@ def write_csv(preds: list[Prediction], classes: list[str], out: str | Path | Non
 
 
 def predict(image: str | Path | np.ndarray | bytes, model: LoadedModel | str | None = None) -> Prediction:
-    """Predict one image (path, bytes or RGB array) with a model (loaded, shipped name or directory)."""
+    """Predict one image (path, bytes or RGB array) with a model (loaded, shipped name or directory): its class,
+    calibrated confidence, out-of-distribution flag and image-quality warnings."""
     if not isinstance(model, LoadedModel):
-        model = load_model(model)
+        model = load_model(model, kind="image")
     rgb = image if isinstance(image, np.ndarray) else read_image(image)
-    proba = model.predict_arrays([rgb])[0]
-    k = model.decide(proba)
     name = "<array>" if isinstance(image, np.ndarray) else ("<bytes>" if isinstance(image, bytes) else str(image))
-    return Prediction(name, model.classes[k], float(proba[k]), {c: float(v) for c, v in zip(model.classes, proba)})
+    return _answers(model, [name], model.prepare_batch([rgb]), [quality_warnings(model, rgb)])[0]

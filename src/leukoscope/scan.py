@@ -101,6 +101,8 @@ class ScannedCell:
     crop_box: tuple[int, int, int, int]
     heatmap: np.ndarray | None = field(default=None, repr=False)
     partial: bool = False
+    ood: bool | None = None  # unlike the model's training cells (None: the model has no detector)
+    ood_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         c = self.cell
@@ -113,6 +115,8 @@ class ScannedCell:
         d["crop_box"] = list(self.crop_box)
         d["gradcam"] = self.heatmap is not None
         d["partial"] = self.partial
+        d["ood"] = self.ood
+        d["ood_score"] = None if self.ood_score is None else round(self.ood_score, 4)
         return d
 
 
@@ -129,6 +133,8 @@ class FieldResult:
     config: ScanConfig
     model_name: str = ""
     gradcam_note: str = ""
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # the field's image-quality warnings
+    ood_checked: bool = False  # the model had an out-of-distribution detector
 
     @property
     def counted(self) -> list[ScannedCell]:
@@ -146,6 +152,11 @@ class FieldResult:
     @property
     def n_abnormal(self) -> int:
         return sum(c.abnormal for c in self.cells)
+
+    @property
+    def n_ood(self) -> int | None:
+        """Counted cells flagged as unlike the model's training cells (None when the model has no detector)."""
+        return sum(bool(c.ood) for c in self.counted) if self.ood_checked else None
 
     @property
     def abnormal_share(self) -> float | None:
@@ -168,6 +179,8 @@ class FieldResult:
             "label_counts": {k: sum(c.label == k for c in self.counted) for k in self.classes},
             "partial_cells": self.n_partial,
             "smudge_cells": len(self.smudges),
+            "ood_cells": self.n_ood,
+            "warnings": [{"code": c, "message": m} for c, m in self.warnings],
             "gradcam": self.gradcam_note,
             "cells": [c.to_dict() for c in self.cells],
             "detection": asdict(self.config.detect) | {"crop_rbc_diameters": self.config.crop_rbc_diameters,
@@ -292,22 +305,33 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
         crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
         boxes.append(box)
     proba = np.zeros((0, len(classes)), np.float32)
+    scores: np.ndarray | None = None
     if crops:
-        parts = [np.asarray(model.predict_arrays(crops[i:i + cfg.batch_size]), dtype=np.float64)
-                 for i in range(0, len(crops), cfg.batch_size)]
+        with_ood = getattr(model, "ood", None) is not None and hasattr(model, "predict_arrays_ood")
+        parts, score_parts = [], []
+        for i in range(0, len(crops), cfg.batch_size):
+            if with_ood:
+                p, sc = model.predict_arrays_ood(crops[i:i + cfg.batch_size])
+                score_parts.append(sc)
+            else:
+                p = model.predict_arrays(crops[i:i + cfg.batch_size])
+            parts.append(np.asarray(p, dtype=np.float64))
         proba = np.concatenate(parts)
+        scores = np.concatenate(score_parts) if with_ood else None
         if proba.shape != (len(crops), len(classes)):
             raise ValueError(f"model returned probabilities of shape {proba.shape} for {len(crops)} crops and "
                              f"{len(classes)} classes")
     cells = []
     h, w = rgb.shape[:2]
-    for c, p, box in zip(det.cells, proba, boxes, strict=True):
+    for i, (c, p, box) in enumerate(zip(det.cells, proba, boxes, strict=True)):
         k = int(np.argmax(p))
         p_ab = float(p[ab_idx].sum())
         probs = {n: float(v) for n, v in zip(classes, p, strict=True)}
         part = is_partial(c, w, h, cfg.partial_rbc_diameters * det.rbc_diameter)
+        score = None if scores is None else float(scores[i])
         cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab,
-                                 p_ab >= cfg.abnormal_threshold and not part, box, partial=part))
+                                 p_ab >= cfg.abnormal_threshold and not part, box, partial=part,
+                                 ood=None if score is None else bool(model.ood.flag(score)), ood_score=score))
     note = "off"
     if cfg.gradcam and not any(c.abnormal for c in cells):
         note = "no abnormal cells"
@@ -323,7 +347,11 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
             heats = explainer([crops[i] for i in flagged], targets)
             for i, heat in zip(flagged, heats, strict=True):
                 cells[i].heatmap = np.asarray(heat, dtype=np.float32)
-    return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note)
+    from leukoscope.preprocess.quality import check_field
+
+    return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note,
+                       [(q.code, q.message) for q in check_field(rgb)],
+                       getattr(model, "ood", None) is not None and hasattr(model, "predict_arrays_ood"))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, t
     # smear crops are not merged into the main set of cells on black: refused before measuring
     args = parse_args(["faithfulness", *map(str, crops), "--model", str(model), "--methods", "gradcam", "--no-road",
                        "--no-progress", "--record"])
-    monkeypatch.setattr("leukoscope.explain.faithfulness.measure", _no_measuring)
+    from leukoscope.explain import faithfulness  # `leukoscope.explain` is the function: reach the module this way
+
+    monkeypatch.setattr(faithfulness, "measure", _no_measuring)
     assert args.func(args) == 2
     assert "nothing measured" in capsys.readouterr().err
     assert json.loads((model / "faithfulness.json").read_text()) == before

@@ -37,7 +37,8 @@ def test_predict_with_no_model_argument_uses_the_default(tmp_path, data_root):
     out = tmp_path / "p.csv"
     assert main(["predict", str(cell), "--output", str(out)]) == 0
     row = next(csv.DictReader(out.open()))
-    assert set(row) == {"path", "label", "confidence", "p_healthy", "p_leukemic"}
+    assert list(row) == ["path", "label", "confidence", "p_healthy", "p_leukemic", "ood", "ood_score", "warnings"]
+    assert row["ood"] in ("true", "false")  # the shipped model carries its detector
     assert row["path"] == str(cell)
 
 

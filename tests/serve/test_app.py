@@ -63,6 +63,11 @@ def test_predict_equals_cli_and_python_call(client, served_models, model_dir, ce
         np.testing.assert_allclose([got["probabilities"][c] for c in model.classes],
                                    [ref.probabilities[c] for c in model.classes], rtol=1e-6, atol=1e-7)
         assert got["label"] == ref.label == row["label"]
+        # the out-of-distribution flag and the quality warnings are the library's and the CLI's
+        assert got["ood"] is ref.ood is (row["ood"] == "true") and got["ood_threshold"] == model.ood.threshold
+        assert got["ood_score"] == pytest.approx(ref.ood_score, rel=1e-5)
+        assert [w["code"] for w in got["warnings"]] == [c for c, _ in ref.warnings] == \
+            [c for c in row["warnings"].split(";") if c]
         assert got["confidence"] == pytest.approx(max(got["probabilities"].values()), abs=1e-7)
         assert got["filename"] == path.name and got["backend"] == "onnx"
         assert got["sha256"] == file_sha256(path)
@@ -266,6 +271,7 @@ def test_one_pixel_image(client):
     Image.new("RGB", (1, 1), (200, 100, 150)).save(buf, format="PNG")
     r = client.post("/v1/predict", files={"file": ("dot.png", buf.getvalue(), "image/png")})
     assert r.status_code == 200 and abs(sum(r.json()["probabilities"].values()) - 1) < 1e-5
+    assert [w["code"] for w in r.json()["warnings"]] == ["cell_size"]  # answered, with a reason not to trust it
     r = client.post("/v1/explain", files={"file": ("dot.png", buf.getvalue(), "image/png")})
     assert r.status_code == 422 and "too small to explain" in r.json()["detail"]
     r = client.post("/v1/scan", files={"file": ("dot.png", buf.getvalue(), "image/png")})

@@ -168,3 +168,43 @@ def test_api_docs_page_renders_the_schema_offline(page, live_server):
     titles = page.locator("#api-paths h2").all_inner_texts()
     assert {"POST /v1/predict", "POST /v1/explain", "POST /v1/scan", "GET /v1/models", "GET /health"} <= set(titles)
     assert "include_image" in page.inner_text("#post-v1-predict")
+
+
+def test_trust_caution_shows_exactly_when_the_api_flags(page, live_server, cell_paths, tmp_path):
+    """A page of text is flagged as unlike the training images and a darkened real cell warns underexposed: each card
+    shows the caution with the API's own reasons; a real cell the API neither flags nor warns about shows none."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from leukoscope.data.images import read_image
+
+    text = tmp_path / "text_page.png"
+    Image.fromarray(np.stack([skdata.text()] * 3, -1)).save(text)
+    dark = tmp_path / "dark_cell.png"
+    Image.fromarray((read_image(cell_paths[0]).astype(np.float32) * 0.3).astype(np.uint8)).save(dark)
+    files = [text, dark, cell_paths[-1]]
+    api = {}
+    for p in files:
+        api[p.name] = httpx.post(live_server + "/v1/predict", files={"file": (p.name, p.read_bytes(), "image/png")},
+                                 timeout=60).json()
+    assert api["text_page.png"]["ood"] is True
+    assert "underexposed" in {w["code"] for w in api["dark_cell.png"]["warnings"]}
+    page.uncheck("#explain-toggle")
+    page.set_input_files("#file-input", [str(p) for p in files])
+    page.wait_for_function(ALL_SETTLED, timeout=90_000)
+    cards = page.locator(".result")
+    by_name = {cards.nth(i).locator(".filename").inner_text(): cards.nth(i) for i in range(cards.count())}
+    for name, ans in api.items():
+        card = by_name[name]
+        assert card.get_attribute("data-status") == "done", card.locator(".status").inner_text()
+        assert card.locator(".label").inner_text() == ans["label"]  # a flagged answer still gives its class
+        assert card.get_attribute("data-ood") == str(ans["ood"]).lower()
+        caution = card.locator(".trust")
+        assert caution.is_visible() is (ans["ood"] or bool(ans["warnings"])), (name, ans["ood"], ans["warnings"])
+        text_shown = caution.inner_text() if caution.is_visible() else ""
+        assert ("unlike the images the model was trained on" in text_shown) is ans["ood"]
+        for w in ans["warnings"]:
+            assert w["message"] in text_shown
+    assert by_name["text_page.png"].locator(".trust").is_visible()
+    assert by_name["dark_cell.png"].locator(".trust").is_visible()

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "fuse": "fuse",
     "serve": "serve",
     "models": "models",
+    "ood": "ood",
 }
 
 

@@ -2,7 +2,8 @@
 
 A patient is a folder of cell images (searched recursively; the patient is the folder's name) or a manifest CSV
 (``path,label,patient``; one patient per distinct ``patient``). The CSV has exactly the columns
-``patient,label,confidence,p_AML,p_APL,n_cells``; unreadable cells are skipped and named on standard error.
+``patient,label,confidence,p_AML,p_APL,n_cells,ood_share`` (``ood_share``: the share of cells unlike the
+cell-type model's training cells); unreadable cells are skipped and named on standard error.
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ def main(args: argparse.Namespace) -> int:
         from leukoscope.explain import write_explanations
 
         write_explanations(model, [p.path for p in preds], args.heatmaps, method=args.method)
+    n_ood = sum(bool(p.ood) for p in preds)
+    n_warn = sum(bool(p.warnings) for p in preds)
+    if n_ood or n_warn:
+        print(f"leukoscope predict: {n_ood} of {len(preds)} image(s) unlike the model's training images (ood=true) "
+              f"and {n_warn} with image-quality warnings: do not trust their class", file=sys.stderr)
     bad = problems + failed
     for path, reason in bad:
         print(f"leukoscope predict: cannot read {path}: {reason}", file=sys.stderr)

@@ -20,7 +20,7 @@ from leukoscope.models.modeldir import LoadedModel, load_model, softmax
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("patient", "label", "confidence", "p_AML", "p_APL", "n_cells")
+CSV_COLUMNS = ("patient", "label", "confidence", "p_AML", "p_APL", "n_cells", "ood_share")
 
 
 @dataclass
@@ -83,6 +83,13 @@ class PatientResult:
     weight_kind: str
     method: str
     source: str = ""
+    cell_ood: np.ndarray | None = None  # (n,) cells unlike the cell-type model's training cells (None: no detector)
+
+    @property
+    def ood_share(self) -> float | None:
+        """The share of this patient's cells flagged as unlike the cell-type model's training cells: the higher, the
+        less the diagnosis is to be trusted (None when the cell-type model has no detector)."""
+        return None if self.cell_ood is None or not len(self.cell_ood) else float(np.mean(self.cell_ood))
 
     @property
     def n_cells(self) -> int:
@@ -110,7 +117,8 @@ class PatientResult:
 
     def row(self) -> dict:
         return {"patient": self.patient, "label": self.label, "confidence": round(self.confidence, 6),
-                "p_AML": round(self.p_aml, 6), "p_APL": round(self.p_apl, 6), "n_cells": self.n_cells}
+                "p_AML": round(self.p_aml, 6), "p_APL": round(self.p_apl, 6), "n_cells": self.n_cells,
+                "ood_share": "" if self.ood_share is None else round(self.ood_share, 4)}
 
 
 class Diagnoser:
@@ -138,19 +146,33 @@ class Diagnoser:
             log.warning("the cell-type model %s is not the one %s was trained with: proportions may shift",
                         self.cell_model.path, self.model.name)
 
-    @torch.inference_mode()
     def encode(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 cells -> (cell-type probabilities (n, C), pooled embeddings (n, 1280))."""
+        proba, emb, _ = self.encode_cells(images, batch_size)
+        return proba, emb
+
+    @torch.inference_mode()
+    def encode_cells(self, images: list[np.ndarray], batch_size: int = 32
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """RGB uint8 cells -> (cell-type probabilities (n, C), the patient model's pooled embeddings (n, 1280), the
+        cell-type model's out-of-distribution flags (n,) or None when it has no detector)."""
         ct = self.cell_model
         net = ct.module
-        probs, embs = [], []
+        det = ct.ood
+        probs, embs, flags = [], [], []
         for i in range(0, len(images), batch_size):
             s = net.stem(torch.from_numpy(ct.prepare_batch(images[i:i + batch_size])))
-            probs.append(softmax(net.head(net.top(s)).float().numpy() / ct.temperature))
+            f = net.top(s).flatten(1)
+            z = net.coarse(net.head(f)) if hasattr(net, "coarse") else net.head(f)
+            probs.append(softmax(z.float().numpy() / ct.temperature))
             embs.append(self.model.top(s).mean((2, 3)).float().numpy())
+            if det is not None:
+                flags.append(det.flag(det.score(f.float().numpy(), z.float().numpy())))
         if not probs:
-            return np.zeros((0, len(ct.classes)), np.float32), np.zeros((0, self.model.top[0].out_channels), np.float32)
-        return np.concatenate(probs), np.concatenate(embs)
+            return (np.zeros((0, len(ct.classes)), np.float32),
+                    np.zeros((0, self.model.top[0].out_channels), np.float32),
+                    None if det is None else np.zeros(0, bool))
+        return np.concatenate(probs), np.concatenate(embs), None if det is None else np.concatenate(flags)
 
     def diagnose_images(self, patient: str, images: list[np.ndarray], paths: list[Path] | None = None,
                         skipped: list[tuple[str, str]] | None = None, source: str = "") -> PatientResult:
@@ -158,12 +180,12 @@ class Diagnoser:
         if not images:
             raise ValueError(f"patient {patient!r} has no readable cell images"
                              + (f" ({len(skipped)} unreadable)" if skipped else ""))
-        proba, emb = self.encode(images)
+        proba, emb, ood = self.encode_cells(images)
         s = self.model.score(emb, proba)
         label = "APL" if s.p_apl >= self.model.threshold else "AML"
         return PatientResult(patient, label, s.p_apl, list(paths or [Path(f"cell_{i}") for i in range(len(images))]),
                              list(skipped or []), list(self.cell_model.classes), proba, s.weights, s.cell_scores,
-                             s.weight_kind, self.model.method, source)
+                             s.weight_kind, self.model.method, source, ood)
 
     def diagnose(self, patient: PatientInput) -> PatientResult:
         """Diagnose one patient; unreadable cells are skipped and listed in ``result.skipped``."""

@@ -3,8 +3,8 @@
     model.safetensors   the embedding top (1x1 conv head + BN of EfficientNet-Lite0), the feature standardisation
                         and the aggregator's weights (gated-attention MIL, a cell-level linear classifier, or a
                         logistic regression on cell-type proportions); no pickle
-    model.json          method, classes, threshold, which cell-type model supplies the stem and the differential
-                        count, n_parameters, weights_sha256
+    model.json          kind (``patient``), method, classes, threshold, which cell-type model supplies the stem and
+                        the differential count, n_parameters, weights_sha256
     metrics.json        patient-level cross-validation of every compared method
     MODEL_CARD.md       data, methods, cross-validated metrics, limits
 
@@ -147,9 +147,9 @@ class PatientModel:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_file(self.state_dict(), str(out / "model.safetensors"))
-        doc = {**self.info, **(info or {})}
-        doc.update({"format": FORMAT, "name": self.name, "method": self.method, "classes": list(self.classes),
-                    "threshold": self.threshold, "n_parameters": self.n_parameters,
+        doc = {"kind": "patient", **self.info, **(info or {})}  # the kind first, as in every model.json
+        doc.update({"kind": "patient", "format": FORMAT, "name": self.name, "method": self.method,
+                    "classes": list(self.classes), "threshold": self.threshold, "n_parameters": self.n_parameters,
                     "weights_sha256": file_sha256(out / "model.safetensors")})
         if self.mil is not None:
             doc["mil"] = {"in_features": self.mil.in_features, "hidden": self.mil.embed[0].out_features,

@@ -49,6 +49,10 @@ def patient_page(r: PatientResult, d: Diagnoser, top_k: int = 8, heatmaps: bool 
              f"<p class='note'>Patient model <code>{e(d.model.name)}</code> (method <code>{e(r.method)}</code>); "
              f"cell types from <code>{e(d.cell_model.name)}</code>. Source: {e(r.source)}. Research use only: not a "
              "medical device; a diagnosis is made by people from the whole work-up (genetics, flow cytometry).</p>"]
+    if r.ood_share is not None and r.ood_share > 0:
+        parts.append(f"<p class='note'><b>{r.ood_share:.0%} of the cells</b> are unlike the cells the cell-type model "
+                     "was trained on (out-of-distribution flag): the more there are, the less this answer is to be "
+                     "trusted.</p>")
     if r.skipped:
         parts.append(f"<p><b>{len(r.skipped)} unreadable file(s) skipped:</b></p><ul>")
         parts += [f"<li>{e(p)}: {e(reason)}</li>" for p, reason in r.skipped]

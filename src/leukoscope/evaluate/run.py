@@ -81,3 +81,17 @@ def evaluate_model(model: LoadedModel | str, dataset: str, part: str = "test", o
     res["unreadable"] = [{"path": p, "reason": r} for p, r in failed]
     res["model"] = {"name": model.name, "path": str(model.path), "weights_sha256": model.info.get("weights_sha256")}
     return res
+
+
+def model_parts(model: LoadedModel, root: str | None = None) -> dict[str, Dataset]:
+    """The parts (train, val, test, ...) of the split a model was trained with (its ``split.json``), over every
+    dataset it was trained on."""
+    split_path = model.path / "split.json"
+    if not split_path.exists():
+        raise FileNotFoundError(f"model {model.name!r} has no split file ({split_path})")
+    split = Split.load(split_path)
+    target = model.info.get("target")
+    names = model.info.get("datasets", [split.dataset])
+    ds = (load_dataset(names[0], root=root, target=target) if len(names) == 1 else
+          combine([load_dataset(n, target=target) for n in names], name=split.dataset))
+    return {part: split.subset(ds, part) for part in split.parts}

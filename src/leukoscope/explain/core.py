@@ -23,7 +23,7 @@ REGION_THRESHOLD = 0.5
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str) -> LoadedModel:
-    return load_model(path)
+    return load_model(path, kind="image")
 
 
 def as_model(model: LoadedModel | str | Path | None) -> LoadedModel:
@@ -249,6 +249,9 @@ class Explanation:
     model: str
     source: str = "<array>"
     faithfulness: dict = field(default_factory=dict)
+    ood: bool | None = None
+    ood_score: float | None = None
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Everything but the arrays, JSON-ready."""
@@ -256,7 +259,8 @@ class Explanation:
         return {"path": self.source, "image_size": [w, h], "label": self.label, "confidence": self.confidence,
                 "probabilities": self.probabilities, "explained_class": self.explained_class, "method": self.method,
                 "method_title": self.method_title, "target_layer": self.target_layer, "hottest_region": self.region,
-                "model": self.model, "faithfulness": self.faithfulness}
+                "model": self.model, "faithfulness": self.faithfulness, "ood": self.ood, "ood_score": self.ood_score,
+                "warnings": [{"code": c, "message": m} for c, m in self.warnings]}
 
 
 def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | None = DEFAULT_MODEL,
@@ -278,8 +282,11 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     model = as_model(model)
     source = "<array>" if isinstance(image, np.ndarray) else str(image)
     rgb = as_rgb(image) if isinstance(image, np.ndarray) else read_image(image)
-    proba = model.predict_arrays([rgb])[0]
-    k_pred = model.decide(proba)
+    from leukoscope.predict import predict
+
+    pred = predict(rgb, model)
+    proba = np.array([pred.probabilities[c] for c in model.classes])
+    k_pred = model.classes.index(pred.label)
     k = class_index(model, target_class, proba)
     m = get_method(method)
     heat, layer_name = _heatmap(model, rgb, k, method, layer)
@@ -289,4 +296,5 @@ def explain(image: str | Path | np.ndarray, model: LoadedModel | str | Path | No
     overlay = render_overlay(rgb, heat, caption=caption, bbox=region["bbox"])
     probs = {c: float(p) for c, p in zip(model.classes, proba, strict=True)}
     return Explanation(label, conf, probs, model.classes[k], m.name, m.title, layer_name, heat, overlay, region,
-                       model.name, source, method_faithfulness(model.path, m.name, image_kind(rgb)))
+                       model.name, source, method_faithfulness(model.path, m.name, image_kind(rgb)), pred.ood,
+                       pred.ood_score, pred.warnings)

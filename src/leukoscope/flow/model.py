@@ -232,7 +232,7 @@ def save_flow_model(model: FlowModel, out_dir: str | Path, metrics: dict | None 
     # a single metadata key keeps the header byte-identical across runs (several keys come out in random order)
     save_file(arrays, str(out / "model.safetensors"), metadata={"format": "leukoscope-flow/1"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-    info = {"format_version": FORMAT_VERSION, "task": "flow-aml-vs-normal", "input": model.input,
+    info = {"kind": "flow", "format_version": FORMAT_VERSION, "task": "flow-aml-vs-normal", "input": model.input,
             "classifier": model.classifier.scalars(), "feature_names": model.feature_names,
             "training": {k: v for k, v in model.training.items() if k != "cases"}}
     (out / "model.json").write_text(json.dumps(info, indent=2) + "\n")

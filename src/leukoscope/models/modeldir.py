@@ -20,7 +20,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -127,12 +127,26 @@ def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any], dtype: st
     state = {k: (v.to(want) if v.is_floating_point() else v).detach().contiguous().clone()
              for k, v in module.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
-    info = dict(info)
+    info = {"kind": "image", **info}
     info["weights_sha256"] = file_sha256(out / "model.safetensors")
     info["weights_dtype"] = dtype
     info["n_parameters"] = int(sum(p.numel() for p in module.parameters()))
     (out / "model.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+_UNSET = object()
+
+
+class _Embedder(nn.Module):
+    """The network up to its embeddings: the pooled features the last linear layer reads."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.top(self.net.stem(x)).flatten(1)
 
 
 @dataclass
@@ -158,6 +172,11 @@ class LoadedModel:
     _part_sessions: dict = field(default_factory=dict, repr=False)
     _session_threads: int = 0
     _parts_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _ood: Any = field(default=None, repr=False)
+    _quality: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ood = self._quality = _UNSET
 
     @property
     def input_size(self) -> int:
@@ -218,6 +237,58 @@ class LoadedModel:
         return np.mean([self._logits(np.ascontiguousarray(v)) for v in
                         (x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1])], axis=0)
 
+    def logits_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), embeddings (N, D)) of a prepared batch in one pass: the embeddings are the pooled features
+        the last linear layer reads (the out-of-distribution score's input); with ``tta`` both are means over the 4
+        flips. On ONNX Runtime the network up to the embeddings runs as an exported part and the head in PyTorch;
+        the int8 backend takes its logits from the int8 network (a second pass)."""
+        views = [x] if not self.tta else [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]]
+        zs, fs = [], []
+        for v in views:
+            v = np.ascontiguousarray(v)
+            f = self.onnx_part("embed", _Embedder(self.module), v)
+            with self._lock, torch.inference_mode():
+                if f is None:
+                    f = self.module.top(self.module.stem(torch.from_numpy(v))).flatten(1).float().numpy()
+                z = self._logits_unlocked_from_features(f) if self.precision != "int8" else None
+            zs.append(z if z is not None else self._logits(v))
+            fs.append(f)
+        return np.mean(zs, axis=0), np.mean(fs, axis=0)
+
+    def _logits_unlocked_from_features(self, f: np.ndarray) -> np.ndarray:
+        head = self.module.head(torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)))
+        coarse = getattr(self.module, "coarse", None)
+        return (coarse(head) if coarse is not None else head).float().numpy()
+
+    @property
+    def ood(self) -> Any:
+        """The out-of-distribution detector stored with the model (:mod:`leukoscope.models.ood`), or None."""
+        if self._ood is _UNSET:
+            from leukoscope.models.ood import load_detector
+
+            self._ood = load_detector(self.path, self.info.get("weights_sha256"))
+        return self._ood
+
+    @property
+    def quality(self) -> Any:
+        """The image-quality reference stored with the model (``quality.json``,
+        :class:`leukoscope.preprocess.quality.QualityReference`), or None."""
+        if self._quality is _UNSET:
+            from leukoscope.preprocess.quality import QUALITY_FILE, QualityReference
+
+            path = self.path / QUALITY_FILE
+            self._quality = QualityReference.load(path) if path.exists() else None
+        return self._quality
+
+    def proba_and_ood(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities (N, C), out-of-distribution scores (N,) or None when the model has no detector)
+        of a prepared batch; a score above ``self.ood.threshold`` flags the image."""
+        det = self.ood
+        if det is None:
+            return softmax(self.logits(x) / self.temperature), None
+        z, f = self.logits_and_features(x) if det.needs_features else (self.logits(x), None)
+        return softmax(z / self.temperature), det.score(f, z)
+
     def _logits(self, x: np.ndarray) -> np.ndarray:
         if self._session is not None:
             return self._session.run(None, {"input": x})[0]
@@ -244,6 +315,18 @@ class LoadedModel:
             z = self.logits(self.prepare_batch(images[i:i + batch_size]))
             out.append(softmax(z / self.temperature))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_arrays_ood(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray,
+                                                                                         np.ndarray | None]:
+        """(calibrated probabilities (N, C), out-of-distribution scores (N,) or None) for RGB uint8 images."""
+        probs, scores = [], []
+        for i in range(0, len(images), batch_size):
+            p, s = self.proba_and_ood(self.prepare_batch(images[i:i + batch_size]))
+            probs.append(p)
+            scores.append(s)
+        if not probs:
+            return np.zeros((0, len(self.classes)), np.float32), None if self.ood is None else np.zeros(0)
+        return np.concatenate(probs), None if scores[0] is None else np.concatenate(scores)
 
     def predict_paths(self, paths: list[str | Path], batch_size: int = 32) -> tuple[list[Path], np.ndarray,
                                                                                      list[tuple[str, str]]]:
@@ -354,21 +437,56 @@ def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
     model.backend, model.precision = "onnx", "int8"  # explanations still cut the float32 network (onnx_part)
 
 
-def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0,
-               tta: bool = False) -> LoadedModel:
-    """Load a model directory or a shipped model by name (default ``leukemia-cell``).
+# ------------------------------------------------------------------------------------------ one door for every kind
+if TYPE_CHECKING:
+    from leukoscope.diagnose.model import PatientModel
+    from leukoscope.flow.model import FlowModel
+    from leukoscope.models.classical import ClassicalModel
 
-    Args:
-        backend: ``auto`` (ONNX Runtime when onnxruntime is installed, else PyTorch), ``torch``, ``onnx`` or
-            ``int8`` (ONNX Runtime on the directory's ``model.int8.onnx``, see :mod:`leukoscope.models.quantize`;
-            about twice as fast on CPUs with int8 instructions, predictions checked in ``model.int8.json``).
-        onnx_threads: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its default).
-        tta: predict from the mean logits of each image's 4 flips (:meth:`LoadedModel.logits`; measured in
-            docs/RESULTS.md; the model card's numbers are without it).
-    """
+# What each kind of model directory holds, what load_model returns for it, and how that object is used.
+MODEL_KINDS: dict[str, dict[str, str]] = {
+    "image": {"returns": "LoadedModel", "input": "one cell image (RGB)",
+              "use": "leukoscope.predict(image, model) or leukoscope.explain(image, model=model)"},
+    "patient": {"returns": "PatientModel", "input": "a folder (or manifest CSV) of one patient's cell images",
+                "use": "leukoscope.diagnose.diagnose([patient_folder], model=model)"},
+    "flow": {"returns": "FlowModel", "input": "one flow cytometry FCS file per subject",
+             "use": "leukoscope.flow.model.predict_files(model, [fcs_path])"},
+    "classical": {"returns": "ClassicalModel", "input": "one cell image, as its hand-crafted features",
+                  "use": "model.predict_proba(leukoscope.models.classical.extract_features(rgb)[None])"},
+}
+LOADERS: Registry = Registry("model kind")
+
+
+def model_kind(path: str | Path) -> str:
+    """The kind of model a directory holds: ``model.json``'s ``kind``. Directories written before that key existed
+    are told apart by what they hold (``spec``: image; the patient format; a flow classifier; ``classical.json``)."""
+    path = Path(path)
+    info_path = path / "model.json"
+    if not info_path.exists():
+        if (path / "classical.json").exists():  # ClassicalModel.save writes no model.json
+            return "classical"
+        raise FileNotFoundError(f"{path} is not a model directory (no model.json)")
+    info = json.loads(info_path.read_text())
+    kind = info.get("kind")
+    if kind is None:
+        if "spec" in info:
+            kind = "image"
+        elif str(info.get("format", "")).startswith("leukoscope-patient-model/"):  # diagnose.model.FORMAT
+            kind = "patient"
+        elif "format_version" in info and "classifier" in info and "feature_names" in info:
+            kind = "flow"
+        else:
+            raise ValueError(f"{info_path} does not say what kind of model it holds: add \"kind\" (one of "
+                             f"{LOADERS.names()})")
+    if kind not in LOADERS:
+        raise ValueError(f"{info_path}: " + unknown_name_message("model kind", str(kind), LOADERS.names()))
+    return kind
+
+
+@LOADERS.register("image")
+def _load_image_model(path: Path, backend: str = "auto", onnx_threads: int = 0, tta: bool = False) -> LoadedModel:
     from safetensors.torch import load_file
 
-    path = resolve_model_dir(name_or_dir)
     info = json.loads((path / "model.json").read_text())
     module, _ = build_network(info["spec"], len(info["classes"]), pretrained="none")
     state = load_file(str(path / "model.safetensors"))
@@ -384,3 +502,97 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     elif backend != "torch":
         raise ValueError(f"Unknown backend {backend!r}. Available: {BACKENDS}")
     return model
+
+
+@LOADERS.register("patient")
+def _load_patient_model(path: Path) -> Any:
+    from leukoscope.diagnose.model import load_patient_model
+
+    return load_patient_model(path)
+
+
+@LOADERS.register("flow")
+def _load_flow_model(path: Path) -> Any:
+    from leukoscope.flow.model import load_flow_model
+
+    return load_flow_model(path)
+
+
+@LOADERS.register("classical")
+def _load_classical_model(path: Path, allow_pickle: bool = False) -> Any:
+    from leukoscope.models.classical import ClassicalModel
+
+    return ClassicalModel.load(path, allow_pickle=allow_pickle)
+
+
+def _loaded_kind(obj: object) -> str | None:
+    """The kind of an object load_model returned (by class name: no import of the other kinds' modules)."""
+    names = {c.__name__ for c in type(obj).__mro__}
+    return next((k for k, v in MODEL_KINDS.items() if v["returns"] in names), None)
+
+
+def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0,
+               tta: bool = False, *, kind: str | None = None, allow_pickle: bool = False
+               ) -> LoadedModel | PatientModel | FlowModel | ClassicalModel:
+    """Load a model directory or a shipped model by name (default ``leukemia-cell``), whatever its kind.
+
+    The directory's ``model.json`` says its ``kind`` (see :func:`model_kind`), and the kind says what comes back:
+
+    - ``image`` (``leukemia-cell``, ``all-subtype``, ``cell-type``): a :class:`LoadedModel`, one cell image in,
+      calibrated class probabilities out: ``leukoscope.predict(image, model)``, ``leukoscope.explain(image,
+      model=model)``, ``model.predict_arrays([rgb])``.
+    - ``patient`` (``apl``): a :class:`leukoscope.diagnose.PatientModel`, AML vs APL from a set of one patient's
+      cells: ``leukoscope.diagnose.diagnose([patient_folder], model=model)``, or
+      ``leukoscope.diagnose.Diagnoser(model).diagnose_images(name, rgb_cells)``.
+    - ``flow`` (``flow-aml``): a :class:`leukoscope.flow.model.FlowModel`, normal vs AML from a flow cytometry FCS
+      file: ``leukoscope.flow.model.predict_files(model, [fcs_path])``.
+    - ``classical`` (a directory written by ``ClassicalModel.save``): a
+      :class:`leukoscope.models.classical.ClassicalModel`, class probabilities from hand-crafted features of cell
+      images: ``model.predict_proba(extract_features(rgb)[None])``.
+
+    Args:
+        backend: image models only. ``auto`` (ONNX Runtime when onnxruntime is installed, else PyTorch), ``torch``,
+            ``onnx`` or ``int8`` (ONNX Runtime on the directory's ``model.int8.onnx``, see
+            :mod:`leukoscope.models.quantize`; about twice as fast on CPUs with int8 instructions, predictions checked
+            in ``model.int8.json``).
+        onnx_threads: image models only: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its
+            default).
+        tta: image models only: predict from the mean logits of each image's 4 flips (:meth:`LoadedModel.logits`;
+            measured in docs/RESULTS.md; the model card's numbers are without it).
+        kind: the kind the caller can use (e.g. ``"image"``); a model of another kind is a ValueError that says what
+            it is and how it is used. None accepts every kind.
+        allow_pickle: classical models only: their estimator is a pickle, which runs code when loaded; pass True only
+            for a model you trained yourself.
+
+    Raises:
+        ValueError: an unknown model name or kind (with the closest match and the available ones), an option that
+            does not apply to the model's kind, or a model of another kind than ``kind``.
+        TypeError: ``name_or_dir`` is a model that is already loaded.
+    """
+    if name_or_dir is not None and not isinstance(name_or_dir, (str, Path)):
+        got, what = _loaded_kind(name_or_dir), type(name_or_dir).__name__
+        if got is None:
+            raise TypeError(f"load_model takes a model's name or directory, got {what}")
+        name = getattr(name_or_dir, "name", "")
+        raise TypeError(f"load_model takes a model's name or directory, got {what} {name!r}, a {got} model already "
+                        f"loaded. A {got} model takes {MODEL_KINDS[got]['input']}: {MODEL_KINDS[got]['use']}")
+    if kind is not None and kind not in LOADERS:
+        raise ValueError(unknown_name_message("model kind", kind, LOADERS.names()))
+    given = Path(str(name_or_dir)).expanduser() if name_or_dir is not None else None
+    if given is not None and given.is_dir() and not (given / "model.json").exists() and \
+            (given / "classical.json").exists():
+        path = given
+    else:
+        path = resolve_model_dir(name_or_dir)
+    found = model_kind(path)
+    if kind is not None and found != kind:
+        raise ValueError(f"{path.name!r} is a {found} model, not {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                         f"model: it takes {MODEL_KINDS[found]['input']} ({MODEL_KINDS[found]['use']})")
+    loader = LOADERS.get(found)
+    if found == "image":
+        return loader(path, backend=backend, onnx_threads=onnx_threads, tta=tta)
+    image_only = [f"{k}={v!r}" for k, v, default in (("backend", backend, "auto"), ("onnx_threads", onnx_threads, 0),
+                                                     ("tta", tta, False)) if v != default]
+    if image_only:
+        raise ValueError(f"{', '.join(image_only)}: for image models only; {path.name!r} is a {found} model")
+    return loader(path, allow_pickle=allow_pickle) if found == "classical" else loader(path)

@@ -118,6 +118,11 @@ class EncodedImage(BaseModel):
     height: int
 
 
+class QualityWarningOut(BaseModel):
+    code: str = Field(description="out_of_focus, overexposed, underexposed, stain, cell_size, whole_field, ...")
+    message: str
+
+
 class PredictResponse(BaseModel):
     label: str = Field(description="the most probable class")
     confidence: float = Field(description="calibrated probability of that class")
@@ -130,6 +135,11 @@ class PredictResponse(BaseModel):
     image_size: list[int] = Field(description="[width, height] in pixels")
     audit_id: int = Field(description="the row of this answer in the audit log")
     image: EncodedImage | None = Field(None, description="the decoded input, when include_image was set")
+    ood: bool | None = Field(None, description="true when the image is unlike the model's training images: the "
+                             "class is given but not to be trusted (null when the model has no detector)")
+    ood_score: float | None = Field(None, description="the out-of-distribution score (higher is more unusual)")
+    ood_threshold: float | None = Field(None, description="the score above which an image is flagged")
+    warnings: list[QualityWarningOut] = Field(default_factory=list, description="image-quality warnings")
 
 
 class ExplainResponse(PredictResponse):
@@ -159,6 +169,9 @@ class ScanResponse(BaseModel):
     abnormal_share: float | None
     label_counts: dict[str, int]
     partial_cells: int = Field(description="cells cut by the field's edge: listed in cells, not counted")
+    ood_cells: int | None = Field(None, description="counted cells unlike the model's training cells (their class "
+                                  "is not to be trusted); null when the model has no detector")
+    warnings: list[QualityWarningOut] = Field(default_factory=list, description="the field's image-quality warnings")
     cells: list[dict[str, Any]] = Field(description="one per white cell: bbox [x0, y0, x1, y1] in image pixels, "
                                                     "label, confidence, p_<class>, abnormal, partial, ...")
     result: dict[str, Any] = Field(description="everything leukoscope.scan reports for the field")
@@ -455,6 +468,10 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                                   input_bytes=len(up.data), client=client,
                                   image=up.data if cfg.store_images else None)
 
+    def trust(model: LoadedModel, out: dict[str, Any]) -> dict[str, Any]:
+        out["ood_threshold"] = None if model.ood is None else float(model.ood.threshold)
+        return out
+
     def base(name: str, model: LoadedModel, up: _Upload, rgb: np.ndarray) -> dict[str, Any]:
         return {"model": name, "weights_sha256": str(model.info.get("weights_sha256", "")), "backend": model.engine,
                 "filename": up.filename, "sha256": up.sha256, "image_size": [int(rgb.shape[1]), int(rgb.shape[0])]}
@@ -498,11 +515,11 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
         up = await read_upload(request, file)
 
         def work() -> dict:
+            from leukoscope.predict import predict as predict_image
+
             rgb = decode(up)
-            proba = m.predict_arrays([rgb])[0]
-            k = m.decide(proba)
-            out = {"label": m.classes[k], "confidence": float(proba[k]),
-                   "probabilities": {c: float(p) for c, p in zip(m.classes, proba, strict=True)}}
+            out = trust(m, predict_image(rgb, m).to_dict())
+            out.pop("path")
             res = base(name, m, up, rgb) | out
             res["audit_id"] = audit("predict", name, m, up, out, request)
             if include_image:
@@ -536,9 +553,10 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                 e = explain(rgb, model=m, method=method)
             except ValueError as exc:  # e.g. an image too small to explain
                 raise HTTPException(422, f"cannot explain {up.filename!r}: {exc}") from exc
-            out = {"label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
-                   "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
-                   "hottest_region": e.region, "faithfulness": e.faithfulness}
+            out = trust(m, {"label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
+                            "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
+                            "hottest_region": e.region, "faithfulness": e.faithfulness, "ood": e.ood,
+                            "ood_score": e.ood_score, "warnings": [{"code": c, "message": t} for c, t in e.warnings]})
             res = base(name, m, up, rgb) | out
             res["audit_id"] = audit("explain", name, m, up, out, request)
             res["overlay"] = encode_image(blend(rgb, e.heatmap))
@@ -579,7 +597,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                 raise HTTPException(422, f"cannot scan {up.filename!r}: {exc}") from exc
             d = result.to_dict(up.filename)
             out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "partial_cells",
-                                     "cells")}
+                                     "ood_cells", "warnings", "cells")}
             res = base(name, m, up, rgb) | out
             res["result"] = d
             res["audit_id"] = audit("scan", name, m, up, out, request)

@@ -407,6 +407,11 @@ def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds:
             metrics["training"]["ddp"] = ddp_info
         (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
         write_card(out, cfg, ds, split, info, metrics)
+        if {"train", "val"} <= set(split.parts):  # the out-of-distribution flag and the quality warnings
+            from leukoscope.train.trust import fit_trust
+
+            fit_trust(out, {p: split.subset(ds, p) for p in ("train", "val", "test") if p in split.parts},
+                      progress=False)
     return out, metrics, history
 
 

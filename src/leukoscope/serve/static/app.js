@@ -173,6 +173,7 @@
     const region = d.hottest_region ? `; hottest region ${d.hottest_region.bbox.join(", ")}` : "";
     $(".meta", el).textContent = `${d.model} (${d.backend}) \u00b7 ${d.image_size.join("\u00d7")} px` +
       `${d.method ? ` \u00b7 ${d.method}` : ""}${region} \u00b7 audit #${d.audit_id}`;
+    showTrust(el, d.ood, d.warnings);
     const faith = $(".faithfulness", el);
     if (faith) {
       // only a heatmap method that did not pass its faithfulness test on this model gets a visible note
@@ -180,6 +181,17 @@
       faith.hidden = !(f && f.verdict && f.verdict !== "passes");
       faith.textContent = faith.hidden ? "" : `Heatmap caution (${f.verdict}): ${f.note}.`;
     }
+  }
+
+  // An answer the model should not be trusted with: unlike its training images, or an image-quality warning.
+  function showTrust(el, ood, warnings) {
+    const t = $(".trust", el);
+    const notes = [];
+    if (ood) notes.push("This image is unlike the images the model was trained on: do not trust this answer.");
+    for (const w of warnings || []) notes.push(w.message);
+    t.hidden = notes.length === 0;
+    t.textContent = notes.join(" ");
+    el.dataset.ood = String(Boolean(ood));
   }
 
   function renderField(entry) {
@@ -194,7 +206,11 @@
     const share = d.abnormal_share === null ? "" : ` (${pct(d.abnormal_share)})`;
     const fs = $(".field-summary", el);
     fs.hidden = false;
-    fs.textContent = `${d.white_cells} white cell${d.white_cells === 1 ? "" : "s"}, ${d.abnormal_cells} abnormal${share}`;
+    fs.textContent = `${d.white_cells} white cell${d.white_cells === 1 ? "" : "s"}, ${d.abnormal_cells} abnormal${share}` +
+      (d.ood_cells ? `, ${d.ood_cells} unlike the training cells` : "");
+    const oodNote = d.ood_cells ? [{ message: `${d.ood_cells} cell${d.ood_cells === 1 ? " is" : "s are"} unlike the ` +
+      "cells the model was trained on (marked ?): do not trust their class." }] : [];
+    showTrust(el, false, [...oodNote, ...(d.warnings || [])]);
     const counts = {};
     for (const [k, v] of Object.entries(d.label_counts)) counts[k] = d.white_cells ? v / d.white_cells : 0;
     probRows($(".probs tbody", el), counts, null, "share of the cells found");
@@ -209,7 +225,7 @@
                                width: `${(100 * (x1 - x0)) / w}%`, height: `${(100 * (y1 - y0)) / h}%` });
       b.title = `cell ${i + 1}: ${c.label} ${pct(c.confidence)}${c.partial ? " (cut by the field edge: not counted)" : ""}`;
       const tag = document.createElement("span");
-      tag.textContent = c.partial ? "partial" : `${c.label} ${pct(c.confidence)}`;
+      tag.textContent = c.partial ? "partial" : `${c.label} ${pct(c.confidence)}${c.ood ? " ?" : ""}`;
       b.append(tag);
       return b;
     }));
@@ -268,14 +284,17 @@
     const entries = session.filter((e) => e.status !== "pending");
     const classes = classesOf(entries);
     const header = ["file", "mode", "model", "label", "confidence", ...classes.map((c) => `p_${c}`),
-                    "white_cells", "abnormal_cells", "abnormal_share", "sha256", "audit_id", "time", "error"];
+                    "ood", "ood_score", "warnings", "white_cells", "abnormal_cells", "abnormal_share", "ood_cells",
+                    "sha256", "audit_id", "time", "error"];
     const rows = entries.map((e) => {
       const d = e.data || {};
       const probs = classes.map((c) => (d.probabilities && c in d.probabilities ? d.probabilities[c].toFixed(6) : ""));
       const num = (x) => (typeof x === "number" ? x.toFixed(6) : "");
+      const warn = (d.warnings || []).map((w) => w.code).join(";");
       return [e.file.name, e.mode || "", d.model || e.model, d.label || "", num(d.confidence), ...probs,
-              d.white_cells ?? "", d.abnormal_cells ?? "", num(d.abnormal_share), d.sha256 || "", d.audit_id ?? "",
-              e.time, e.error || ""];
+              d.ood === undefined || d.ood === null ? "" : String(d.ood), num(d.ood_score), warn,
+              d.white_cells ?? "", d.abnormal_cells ?? "", num(d.abnormal_share), d.ood_cells ?? "", d.sha256 || "",
+              d.audit_id ?? "", e.time, e.error || ""];
     });
     return { header, rows, entries };
   }
