@@ -26,16 +26,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from leukoscope._registry import Registry
 from leukoscope.data.datasets import Dataset, Sample, load_dataset
 from leukoscope.data.splits import Split, assert_no_leak, group_kfold, group_split
-from leukoscope.models.classical import ClassicalConfig
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from leukoscope.models.classical import ClassicalConfig
+
+
+def _classical_config(**kw: Any) -> ClassicalConfig:
+    from leukoscope.models.classical import ClassicalConfig  # scikit-image and SciPy: imported when used
+
+    return ClassicalConfig(**kw)
+
 
 DEFAULT_MODELS = ("cnn", "hybrid", "rf", "svm", "cnn_svm")
 NEURAL = ("cnn", "hybrid")
@@ -85,7 +94,7 @@ class CompareConfig:
     cnn: dict = field(default_factory=dict)
     hybrid: dict = field(default_factory=dict)
     embed_trainable_stages: int | None = None
-    classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+    classical: ClassicalConfig = field(default_factory=lambda: _classical_config())
     timing_images: int = 32
     n_boot: int = 1000
 

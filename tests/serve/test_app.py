@@ -317,3 +317,13 @@ def test_tta_server_names_it_and_answers_as_the_library(cell_paths, tmp_path):
             got = _post(client, path).json()
             assert got["backend"] == "onnx+tta"
             np.testing.assert_allclose([got["probabilities"][c] for c in ("healthy", "leukemic")], p_ref, atol=1e-5)
+
+
+def test_serve_defaults_to_every_shipped_image_model():
+    from leukoscope.models.modeldir import SHIPPED_DIR, model_kind, shipped_models
+    from leukoscope.serve.app import default_models
+
+    names = default_models()
+    assert names[0] == "leukemia-cell"
+    assert set(names) == {n for n in shipped_models() if model_kind(SHIPPED_DIR / n) == "image"}
+    assert {"all-subtype", "cell-type"} <= set(names) and "apl" not in names and "flow-aml" not in names

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "OpenAPI docs (/docs) and the web page (/). Every prediction served is appended to "
                                    "an SQLite audit log.")
     p.add_argument("--model", nargs="+", default=None, metavar="M",
-                   help="shipped model names or model directories; the first is the default (default: leukemia-cell)")
+                   help="shipped model names or model directories; the first is the default (default: every shipped "
+                        "image model, leukemia-cell first)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; the server has no log-in, so "
                         "put it behind an authenticating proxy before opening it to a network)")

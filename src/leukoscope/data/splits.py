@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from leukoscope.data.datasets import Dataset, Sample
 from leukoscope.errors import SplitLeakError
@@ -88,6 +87,8 @@ def _fold_ids(labels: list[str], groups: list[str], n_splits: int, seed: int) ->
     if n_groups < n_splits:
         raise ValueError(f"cannot make {n_splits} group folds from only {n_groups} groups")
     fold = np.empty(len(labels), dtype=int)
+    from sklearn.model_selection import StratifiedGroupKFold  # scikit-learn takes a second to import
+
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
         fold[test] = k

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from leukoscope._registry import Registry, unknown_name_message
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError
 from leukoscope.preprocess.transforms import Preprocess
+
+if TYPE_CHECKING:  # PyTorch is imported where a network is built or run: the ONNX Runtime path never needs it
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +103,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"Unknown weights dtype {dtype!r}. Available: {list(WEIGHT_DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def round_weights(module: nn.Module, dtype: str) -> None:
     """Round ``module``'s floating weights and buffers to ``dtype`` in place (they stay float32 tensors), so that what
     is measured before saving is what :func:`save_model_dir` writes with that dtype and :func:`load_model` reads."""
-    if dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"Unknown weights dtype {dtype!r}. Available: {list(WEIGHT_DTYPES)}")
+    import torch
+
+    want = _torch_dtype(dtype)
     with torch.no_grad():
         for t in module.state_dict().values():
             if t.is_floating_point():
-                t.copy_(t.to(WEIGHT_DTYPES[dtype]).float())
+                t.copy_(t.to(want).float())
 
 
 def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
@@ -123,7 +134,7 @@ def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any], dtype: st
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    want = WEIGHT_DTYPES[dtype]
+    want = _torch_dtype(dtype)
     state = {k: (v.to(want) if v.is_floating_point() else v).detach().contiguous().clone()
              for k, v in module.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
@@ -138,15 +149,23 @@ def save_model_dir(out: Path, module: nn.Module, info: dict[str, Any], dtype: st
 _UNSET = object()
 
 
-class _Embedder(nn.Module):
-    """The network up to its embeddings: the pooled features the last linear layer reads."""
+def logits_and_embeddings(net: nn.Module) -> nn.Module:
+    """``net`` with two outputs: its logits and its embeddings (the pooled features its last linear layer reads),
+    from one pass."""
+    import torch
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
+    class _Both(torch.nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.top(self.net.stem(x)).flatten(1)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = self.net.top(self.net.stem(x)).flatten(1)
+            z = self.net.head(f)
+            coarse = getattr(self.net, "coarse", None)
+            return (coarse(z) if coarse is not None else z), f
+
+    return _Both(net)
 
 
 @dataclass
@@ -159,7 +178,7 @@ class LoadedModel:
 
     name: str
     path: Path
-    module: nn.Module
+    _module: nn.Module | None  # None: built from ``_build`` on first use (see :attr:`module`)
     classes: list[str]
     preprocess: Preprocess
     temperature: float
@@ -174,9 +193,26 @@ class LoadedModel:
     _parts_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ood: Any = field(default=None, repr=False)
     _quality: Any = field(default=None, repr=False)
+    _build: Any = field(default=None, repr=False)  # () -> nn.Module: the network from the directory's weights
+    _build_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._ood = self._quality = _UNSET
+        if self._module is None and self._build is None:
+            raise ValueError("a LoadedModel needs its network or a way to build it")
+
+    @property
+    def module(self) -> nn.Module:
+        """The PyTorch network, built from the weights on first use: predictions on ONNX Runtime never need it
+        (nor PyTorch); Grad-CAM, the PyTorch backend and a first ONNX export do."""
+        if self._module is None:
+            import torch
+
+            # first use may come inside torch.inference_mode(): its tensors could never take gradients (Grad-CAM)
+            with self._build_lock, torch.inference_mode(False):
+                if self._module is None:
+                    self._module = self._build()
+        return self._module
 
     @property
     def input_size(self) -> int:
@@ -206,6 +242,13 @@ class LoadedModel:
         """``part(x)`` through ONNX Runtime for a prepared batch: ``part`` is a piece of this model's network (input
         the network's input), exported once to the cache as ``<weights>.<name>.onnx``. None on the PyTorch backend or
         when the export fails. Explanations use it: only the part above it needs PyTorch."""
+        out = self.onnx_outputs(name, lambda: part, x)
+        return None if out is None else out[0]
+
+    def onnx_outputs(self, name: str, make_part: Any, x: np.ndarray,
+                     outputs: tuple[str, ...] = ("logits",)) -> list[np.ndarray] | None:
+        """Like :meth:`onnx_part` with every output of the part; ``make_part()`` builds the part only when its ONNX
+        file has to be exported."""
         if self.backend != "onnx":
             return None
         with self._parts_lock:
@@ -215,14 +258,14 @@ class LoadedModel:
                     from leukoscope.models.export import export_onnx
 
                     try:
-                        export_onnx(part, self.input_size, path)
-                    except Exception as exc:  # read-only cache, ...: explanations fall back to PyTorch
-                        log.warning("export of %s to ONNX failed (%s); explaining in PyTorch", name, exc)
+                        export_onnx(make_part(), self.input_size, path, outputs=outputs)
+                    except Exception as exc:  # read-only cache, ...: fall back to PyTorch
+                        log.warning("export of %s to ONNX failed (%s); running it in PyTorch", name, exc)
                         self._part_sessions[name] = None
                         return None
                 self._part_sessions[name] = onnx_session(path, threads=1 if self._session_threads else 0)
             session = self._part_sessions[name]
-        return None if session is None else session.run(None, {"input": x})[0]
+        return None if session is None else session.run(None, {"input": x})
 
     def prepare_batch(self, images: list[np.ndarray]) -> np.ndarray:
         return np.stack([self.preprocess(im) for im in images]).astype(np.float32)
@@ -240,25 +283,23 @@ class LoadedModel:
     def logits_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits (N, C), embeddings (N, D)) of a prepared batch in one pass: the embeddings are the pooled features
         the last linear layer reads (the out-of-distribution score's input); with ``tta`` both are means over the 4
-        flips. On ONNX Runtime the network up to the embeddings runs as an exported part and the head in PyTorch;
-        the int8 backend takes its logits from the int8 network (a second pass)."""
+        flips. On ONNX Runtime both come from one exported graph (no PyTorch); the int8 backend takes its logits from
+        the int8 network (a second pass)."""
         views = [x] if not self.tta else [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]]
         zs, fs = [], []
         for v in views:
             v = np.ascontiguousarray(v)
-            f = self.onnx_part("embed", _Embedder(self.module), v)
-            with self._lock, torch.inference_mode():
-                if f is None:
-                    f = self.module.top(self.module.stem(torch.from_numpy(v))).flatten(1).float().numpy()
-                z = self._logits_unlocked_from_features(f) if self.precision != "int8" else None
-            zs.append(z if z is not None else self._logits(v))
+            out = self.onnx_outputs("logits_embed", lambda: logits_and_embeddings(self.module), v,
+                                    outputs=("logits", "embeddings"))
+            if out is None:
+                import torch
+
+                with self._lock, torch.inference_mode():
+                    out = [t.float().numpy() for t in logits_and_embeddings(self.module)(torch.from_numpy(v))]
+            z, f = out
+            zs.append(z if self.precision != "int8" else self._logits(v))
             fs.append(f)
         return np.mean(zs, axis=0), np.mean(fs, axis=0)
-
-    def _logits_unlocked_from_features(self, f: np.ndarray) -> np.ndarray:
-        head = self.module.head(torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)))
-        coarse = getattr(self.module, "coarse", None)
-        return (coarse(head) if coarse is not None else head).float().numpy()
 
     @property
     def ood(self) -> Any:
@@ -292,6 +333,8 @@ class LoadedModel:
     def _logits(self, x: np.ndarray) -> np.ndarray:
         if self._session is not None:
             return self._session.run(None, {"input": x})[0]
+        import torch
+
         with self._lock, torch.inference_mode():
             return self.module(torch.from_numpy(x)).float().numpy()
 
@@ -359,7 +402,7 @@ def onnx_path_for(model: LoadedModel) -> Path:
     local = model.path / "model.onnx"
     if local.exists():
         return local
-    from leukoscope.train.stem_cache import cache_root
+    from leukoscope.cache import cache_root
 
     return cache_root() / "onnx" / f"{model.info.get('weights_sha256', 'unknown')[:16]}.onnx"
 
@@ -485,16 +528,21 @@ def model_kind(path: str | Path) -> str:
 
 @LOADERS.register("image")
 def _load_image_model(path: Path, backend: str = "auto", onnx_threads: int = 0, tta: bool = False) -> LoadedModel:
-    from safetensors.torch import load_file
-
     info = json.loads((path / "model.json").read_text())
-    module, _ = build_network(info["spec"], len(info["classes"]), pretrained="none")
-    state = load_file(str(path / "model.safetensors"))
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    module.eval()
-    model = LoadedModel(info.get("name", path.name), path, module, list(info["classes"]),
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} has no model.safetensors")
+
+    def build() -> nn.Module:
+        from safetensors.torch import load_file
+
+        module, _ = build_network(info["spec"], len(info["classes"]), pretrained="none")
+        state = load_file(str(path / "model.safetensors"))
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return module.eval()
+
+    model = LoadedModel(info.get("name", path.name), path, None, list(info["classes"]),
                         Preprocess.from_dict(info["preprocess"]), float(info.get("temperature", 1.0)), info,
-                        tta=tta)
+                        tta=tta, _build=build)
     if backend in ("auto", "onnx"):
         _attach_onnx(model, required=backend == "onnx", threads=onnx_threads)
     elif backend == "int8":

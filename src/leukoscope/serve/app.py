@@ -203,13 +203,23 @@ class Health(BaseModel):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+def default_models() -> list[str]:
+    """Every shipped model that answers for one image (kind ``image``), the default model first. The patient
+    (``apl``) and flow cytometry (``flow-aml``) models take a folder of cells or an FCS file, which the API does not
+    accept; they are used through ``leukoscope diagnose`` and ``leukoscope flow``."""
+    from leukoscope.models.modeldir import DEFAULT_MODEL, SHIPPED_DIR, model_kind, shipped_models
+
+    names = [n for n in shipped_models() if model_kind(SHIPPED_DIR / n) == "image"]
+    return sorted(names, key=lambda n: (n != DEFAULT_MODEL, n))
+
+
 def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedModel] | None,
                 backend: str = "auto", tta: bool = False) -> dict[str, LoadedModel]:
     """Models by the name clients select them with; the first is the default.
 
     Args:
-        specs: shipped names, model directories or loaded models (default: the shipped ``leukemia-cell``); a mapping
-            gives the names explicitly.
+        specs: shipped names, model directories or loaded models (default: :func:`default_models`, every shipped
+            image model, ``leukemia-cell`` first); a mapping gives the names explicitly.
         backend: ``auto``, ``onnx``, ``int8`` or ``torch`` for models loaded here.
         tta: models loaded here predict with test-time flips (``LoadedModel.tta``).
     """
@@ -218,7 +228,7 @@ def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             raise ValueError("no models to serve")
         return dict(specs)
     out: dict[str, LoadedModel] = {}
-    for spec in specs or [None]:
+    for spec in specs or default_models():
         if isinstance(spec, LoadedModel):
             model, name = spec, spec.name
         else:

@@ -14,16 +14,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from leukoscope.cache import cache_root  # noqa: F401  (re-exported: the trainers import it from here)
 from leukoscope.data.datasets import Sample
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError
 from leukoscope.preprocess.transforms import Augment, Preprocess
 
 log = logging.getLogger(__name__)
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    return Path(cache_dir or os.environ.get("LEUKOSCOPE_CACHE", Path.home() / ".cache" / "leukoscope"))
 
 
 def stem_key(spec: dict, weights_source: str, preprocess: Preprocess, augment: Augment, seed: int) -> str:
