@@ -190,12 +190,14 @@ def run(args: argparse.Namespace) -> dict:
     platelets = [s.path for s in pbc.samples if s.labels.get("pbc_group") == "platelet"]
     test_paths = [s.path for s in capped(model_parts(model)["test"].samples, args.max_shift)]
     # each shift's images, as a function so that the quality checks can walk them again
+    seen_platelets = "pbc" in model.info.get("datasets", [])
+    platelet_key = "platelets_trained_on" if seen_platelets else "platelets_not_trained_on"
     makers = {"not_blood": not_blood,
               "bccd_fields": lambda: [s.path for s in capped(bccd.samples, args.max_shift)],
-              "platelets_trained_on": lambda: platelets}
+              platelet_key: lambda: platelets}
     for name, fn in SYNTHETIC.items():
         makers[f"synthetic_{name}"] = lambda fn=fn: (fn(read_image(p)) for p in test_paths)
-    keys = {"platelets_trained_on": "platelets"}  # cache keys of earlier runs
+    keys = {platelet_key: "platelets"}  # cache keys of earlier runs
     shifts = {name: emb(keys.get(name, name), make()) for name, make in makers.items()}
 
     out: dict = {"model": model.name, "weights_sha256": model.info.get("weights_sha256"), "keep": KEEP,
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
             row[m] = shift_row(det, l_test, held)
             s = det.score(held[1], held[0])
             row[m]["selective"] = selective(correct, s, det.flag(s))
-        if src == "pbc":  # platelets through a model that never saw any
+        if src == "pbc" and seen_platelets:  # platelets through a model that never saw any
             pl = l_emb("platelets", platelets)
             out["shifts"]["platelets_not_trained_on"] = {m: shift_row(det, l_test, pl) for m, det in l_dets.items()}
         out["held_out_sources"][src] = row
@@ -310,7 +312,7 @@ def summary(out: dict) -> dict:
                   "test_flagged": out["in_distribution"][m]["flagged"],
                   "held_out_unflagged_beats_all": all(
                       (v[m]["selective"]["accuracy_unflagged"] or 0) > v[m]["selective"]["accuracy_all"]
-                      for v in out["held_out_sources"].values())}
+                      for v in out["held_out_sources"].values()) if out["held_out_sources"] else None}
     return res
 
 

@@ -38,6 +38,7 @@ from leukoscope.data.datasets import combine, load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.data.splits import Split
 from leukoscope.preprocess.quality import QUALITY_CODES, QualityReference, check_field, image_stats
+from leukoscope.preprocess.shifts import blur, gain, hue, swap, zoom_in
 
 SOURCES = ("aria", "all_idb2", "cnmc2019", "pbc", "deepapl")
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights" / "leukemia-cell"
@@ -46,29 +47,6 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weight
 # ---------------------------------------------------------------------------------------------------------------
 # Shifts
 # ---------------------------------------------------------------------------------------------------------------
-def blur(img: np.ndarray, sigma256: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), sigma256 * max(img.shape[:2]) / 256)
-
-
-def gain(img: np.ndarray, g: float) -> np.ndarray:
-    return np.clip(img.astype(np.float32) * g, 0, 255).astype(np.uint8)
-
-
-def swap(img: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
-    return np.ascontiguousarray(img[..., list(order)])
-
-
-def hue(img: np.ndarray, degrees: float) -> np.ndarray:
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
-    hsv[..., 0] = (hsv[..., 0] + round(degrees / 360 * 256)) % 256
-    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
-
-
-def zoom_in(img: np.ndarray, z: float) -> np.ndarray:
-    h, w = img.shape[:2]
-    ch, cw = round(h / z), round(w / z)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    return cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def zoom_out(img: np.ndarray, z: float) -> np.ndarray:

@@ -22,6 +22,7 @@ from leukoscope.preprocess.quality import (
     check_field,
     image_stats,
 )
+from leukoscope.preprocess.shifts import blur, gain, hue, zoom_in
 
 SOURCES = ("aria", "all_idb2", "cnmc2019", "pbc", "deepapl")
 FIT_PER_SOURCE = 40
@@ -61,27 +62,6 @@ def idb1_field(data_root) -> np.ndarray:
 def bccd_field(data_root) -> np.ndarray:
     ds = load_dataset("bccd")
     return read_image(next(x.path for x in ds.samples if x.meta.get("official_split") == "test"))
-
-
-def blur(img: np.ndarray, sigma256: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), sigma256 * max(img.shape[:2]) / 256)
-
-
-def gain(img: np.ndarray, g: float) -> np.ndarray:
-    return np.clip(img.astype(np.float32) * g, 0, 255).astype(np.uint8)
-
-
-def hue(img: np.ndarray, degrees: float) -> np.ndarray:
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
-    hsv[..., 0] = (hsv[..., 0] + round(degrees / 360 * 256)) % 256
-    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
-
-
-def zoom_in(img: np.ndarray, z: float) -> np.ndarray:
-    h, w = img.shape[:2]
-    ch, cw = round(h / z), round(w / z)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    return cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def codes(warnings: list[QualityWarning]) -> list[str]:

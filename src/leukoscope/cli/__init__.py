@@ -29,14 +29,7 @@ SUBCOMMANDS = {
 
 
 def _available() -> dict[str, object]:
-    mods = {}
-    for name, module in SUBCOMMANDS.items():
-        try:
-            mods[name] = importlib.import_module(f"leukoscope.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"leukoscope.cli.{module}":
-                raise
-    return mods
+    return {name: importlib.import_module(f"leukoscope.cli.{module}") for name, module in SUBCOMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ the pooled 1280-d embedding (``top`` here) and the cell-type model's calibrated 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from torch import nn
 
 from leukoscope.diagnose.mil import GatedAttentionMIL
 from leukoscope.models.modeldir import SHIPPED_DIR, file_sha256, shipped_models
+
+log = logging.getLogger(__name__)
 
 METHODS = ("mil", "mean", "proportions")
 CLASSES = ("AML", "APL")
@@ -199,7 +202,8 @@ def shipped_patient_models() -> list[str]:
         try:
             if json.loads((SHIPPED_DIR / name / "model.json").read_text()).get("format") == FORMAT:
                 out.append(name)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            log.warning("shipped model %s: unreadable model.json (%s)", name, exc)
             continue
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from leukoscope.explain.cam import CAM, Method, explain_tensor, get_method, reso
 from leukoscope.explain.faithfulness import image_kind, method_faithfulness
 from leukoscope.explain.overlay import render_overlay
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
+
+log = logging.getLogger(__name__)
 
 # A pixel belongs to the hottest region when its heat is at least this share of the peak.
 REGION_THRESHOLD = 0.5
@@ -104,7 +107,8 @@ def _cuts(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module, _Top]]:
     if hasattr(net, "backbone") and hasattr(net, "pool") and hasattr(net, "head"):
         try:
             below, above, _ = backbone_parts(net.backbone, 0)
-        except Exception:  # noqa: BLE001 - an unknown layout: no such cut
+        except Exception as exc:  # noqa: BLE001 - an unknown layout: no such cut
+            log.debug("no cut below the head of %s (%s): explaining above the stem only", type(net).__name__, exc)
             below = above = None
         if above is not None and any(True for _ in above.parameters()):
             def head_forward(f: torch.Tensor, above: torch.nn.Module = above) -> torch.Tensor:

@@ -13,6 +13,7 @@ C and gamma tuned on StratifiedGroupKFold folds of the training groups, Platt-ca
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from leukoscope.data.datasets import Dataset, Sample
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError, LeukoscopeError
 from leukoscope.models.classical import CLASSICAL_MODELS, ClassicalConfig, ClassicalModel
+
+log = logging.getLogger(__name__)
 
 EMBED_DIM = 1280
 
@@ -146,7 +149,8 @@ class Embedder:
                     opts = ort.SessionOptions()
                     opts.log_severity_level = 3
                     self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception:  # no onnxruntime / exporter: PyTorch still works
+            except Exception as exc:  # noqa: BLE001  (no onnxruntime / exporter: PyTorch still works)
+                log.warning("embedding in PyTorch: the ONNX export of the embedding network failed (%s)", exc)
                 self._session = False
         if self._session is False:
             return None

@@ -243,16 +243,24 @@ def load_models(specs: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
 
 
 def _read_json(path: Path) -> dict | None:
+    """A model directory's optional JSON file (metrics), None when it has none or it cannot be read (logged)."""
+    if not path.exists():
+        return None
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        log.warning("not serving %s: %s", path, exc)
         return None
 
 
 def _read_text(path: Path) -> str | None:
+    """A model directory's optional text file (the model card), None when it has none or it cannot be read."""
+    if not path.exists():
+        return None
     try:
         return path.read_text()
-    except OSError:
+    except OSError as exc:
+        log.warning("not serving %s: %s", path, exc)
         return None
 
 
