@@ -8,8 +8,9 @@ Rows (each a fresh process, wall time, median of ``--repeats``):
 - ``leukoscope --help``;
 - ``leukoscope predict ONE_IMAGE`` with the shipped model (ONNX Runtime, out-of-distribution score and quality
   checks included; the model's ONNX files are exported to the cache by a warm-up call first);
-- ``leukoscope predict`` on ``--n`` Aria cells, end to end (start-up included), against a plain eager PyTorch loop
-  over the same images in its own process (import torch, load the model, read, prepare, forward in batches of 32).
+- ``leukoscope predict`` on ``--n`` Aria cells, end to end (start-up included), with and without the image-quality
+  checks, against a plain eager PyTorch loop over the same images in its own process (import torch, load the model,
+  read, prepare, forward in batches of 32; no checks, no out-of-distribution score).
 
 Targets (issue 22): ``--help`` within 4x the floor, one-image ``predict`` within 10x, end-to-end ``predict`` at
 least 5x faster than the eager loop.
@@ -71,11 +72,13 @@ def main() -> None:
     py = sys.executable
     one = [lk, "predict", paths[0], "--model", args.model, "--output", str(tmp / "one.csv"), "--no-progress"]
     many = [lk, "predict", *paths, "--model", args.model, "--output", str(tmp / "many.csv"), "--no-progress"]
+    fast = [*many, "--no-quality-checks"]
     rows = {
         "import numpy, PIL.Image": [py, "-c", "import numpy, PIL.Image"],
         "leukoscope --help": [lk, "--help"],
         "leukoscope predict, one image": one,
         f"leukoscope predict, {len(paths)} images": many,
+        f"leukoscope predict --no-quality-checks, {len(paths)} images": fast,
         f"eager PyTorch loop, {len(paths)} images": [py, "-c", EAGER, str(listing), args.model],
     }
     timed(one)  # warm-up: exports the model's ONNX graphs to the cache once
@@ -94,6 +97,9 @@ def main() -> None:
             "predict_one_over_import_floor": round(med["leukoscope predict, one image"] / floor, 2),
             "eager_over_predict_end_to_end": round(med[f"eager PyTorch loop, {len(paths)} images"]
                                                    / med[f"leukoscope predict, {len(paths)} images"], 2),
+            "eager_over_predict_without_quality_checks": round(
+                med[f"eager PyTorch loop, {len(paths)} images"]
+                / med[f"leukoscope predict --no-quality-checks, {len(paths)} images"], 2),
         },
         "targets": {"help_over_import_floor": "<= 4", "predict_one_over_import_floor": "<= 10",
                     "eager_over_predict_end_to_end": ">= 5"},

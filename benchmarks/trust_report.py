@@ -36,6 +36,10 @@ Where they appear:
 | `leukoscope scan` | `ood`, `ood_score` per cell; `ood_cells`, `warnings` per field; flagged cells are marked `?` |
 | `leukoscope diagnose` | `ood_share`: the share of a patient's cells that the cell-type model flags |
 
+The quality checks cost about 20 ms per image on one CPU core, more than the network itself; for a large batch
+where speed matters more, `leukoscope predict --no-quality-checks` skips them (the `warnings` column then says
+`unchecked`; the `ood` flag stays). `python benchmarks/startup.py` measures both.
+
 ## Your own model
 
 Training fits both at its end, from the model's own split: the detector on the embeddings of the training part

@@ -66,6 +66,18 @@ def test_cli_matches_python_api_and_torch_backend(cells, tiny_model_dir, tmp_pat
     np.testing.assert_allclose(onnx_model.predict_arrays(imgs), torch_model.predict_arrays(imgs), atol=1e-4)
 
 
+def test_quality_checks_can_be_skipped_for_speed(cells, tiny_model_dir, tmp_path):
+    checked, unchecked = tmp_path / "a.csv", tmp_path / "b.csv"
+    for out, extra in ((checked, []), (unchecked, ["--no-quality-checks"])):
+        main(["predict", str(cells), "--model", str(tiny_model_dir), "--output", str(out), "--no-progress", *extra])
+    a, b = list(csv.DictReader(checked.open())), list(csv.DictReader(unchecked.open()))
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert all(r["warnings"] == "unchecked" for r in b) and all(r["warnings"] != "unchecked" for r in a)
+    for ra, rb in zip(a, b, strict=True):  # the answer and the out-of-distribution flag do not change
+        assert (ra["label"], ra["p_leukemic"], ra["ood"], ra["ood_score"]) == \
+            (rb["label"], rb["p_leukemic"], rb["ood"], rb["ood_score"])
+
+
 def test_globs_and_empty_folder(cells, tmp_path):
     paths, problems = collect_paths([str(cells / "*_1.tif"), str(tmp_path)])
     assert paths and all(p.name.endswith("_1.tif") for p in paths)

@@ -32,7 +32,8 @@ class Prediction:
             keeps 95 % of the validation images): the class is still given, but is not to be trusted. None when the
             model has no out-of-distribution detector.
         ood_score: the detector's score (higher is more unusual), None without a detector.
-        warnings: image-quality warnings (:mod:`leukoscope.preprocess.quality`), each ``(code, message)``.
+        warnings: image-quality warnings (:mod:`leukoscope.preprocess.quality`), each ``(code, message)``; None
+            when the checks were not run (``quality=False``).
     """
 
     path: str
@@ -41,7 +42,7 @@ class Prediction:
     probabilities: dict[str, float]
     ood: bool | None = None
     ood_score: float | None = None
-    warnings: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] | None = field(default_factory=list)
 
     @property
     def trusted(self) -> bool:
@@ -51,7 +52,7 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "confidence": self.confidence,
                 "probabilities": self.probabilities, "ood": self.ood, "ood_score": self.ood_score,
-                "warnings": [{"code": c, "message": m} for c, m in self.warnings]}
+                "warnings": None if self.warnings is None else [{"code": c, "message": m} for c, m in self.warnings]}
 
 
 def quality_warnings(model: LoadedModel, rgb: np.ndarray) -> list[tuple[str, str]]:
@@ -109,16 +110,16 @@ def collect_paths(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
     return paths, problems
 
 
-def _prepared(model: LoadedModel, paths: list[Path], workers: int,
-              ) -> Iterator[tuple[Path, tuple[np.ndarray, list[tuple[str, str]]] | str]]:
+def _prepared(model: LoadedModel, paths: list[Path], workers: int, quality: bool = True,
+              ) -> Iterator[tuple[Path, tuple[np.ndarray, list[tuple[str, str]] | None] | str]]:
     """Decode, check quality and preprocess in a thread pool (Pillow and OpenCV release the GIL), in input order."""
 
-    def load(p: Path) -> tuple[np.ndarray, list[tuple[str, str]]] | str:
+    def load(p: Path) -> tuple[np.ndarray, list[tuple[str, str]] | None] | str:
         try:
             rgb = read_image(p)
         except ImageReadError as exc:
             return exc.reason
-        return model.preprocess(rgb), quality_warnings(model, rgb)
+        return model.preprocess(rgb), quality_warnings(model, rgb) if quality else None
 
     window = 64  # bounded read-ahead: memory stays flat however many files there are
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -134,8 +135,11 @@ def _prepared(model: LoadedModel, paths: list[Path], workers: int,
 
 
 def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size: int = 32, workers: int = 2,
-                  progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Predict every readable file; unreadable ones are returned as (path, reason), never fatal."""
+                  progress: bool = False, quality: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Predict every readable file; unreadable ones are returned as (path, reason), never fatal.
+
+    ``quality=False`` skips the image-quality checks (about 20 ms per image on one core, more than the network
+    itself): each prediction's ``warnings`` is then None, and the CSV says ``unchecked``."""
     if not isinstance(model, LoadedModel):
         model = load_model(model, kind="image")
     preds: list[Prediction] = []
@@ -151,7 +155,7 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
         batch_p.clear()
         batch_w.clear()
 
-    for path, item in tqdm(_prepared(model, paths, workers), total=len(paths), desc="predicting", unit="img",
+    for path, item in tqdm(_prepared(model, paths, workers, quality), total=len(paths), desc="predicting", unit="img",
                            disable=not progress, leave=False):
         if isinstance(item, str):
             failed.append((str(path), item))
@@ -167,8 +171,8 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
 
 def write_csv(preds: list[Prediction], classes: list[str], out: str | Path | None) -> None:
     """Columns ``path,label,confidence,p_<class>...`` in the model's class order, then ``ood`` (true / false, empty
-    without a detector), ``ood_score`` and ``warnings`` (quality warning codes joined by ``;``); stdout if ``out`` is
-    None."""
+    without a detector), ``ood_score`` and ``warnings`` (quality warning codes joined by ``;``, ``unchecked`` when
+    the checks were skipped); stdout if ``out`` is None."""
     buf = io.StringIO() if out is None else open(out, "w", newline="")  # noqa: SIM115
     try:
         w = csv.writer(buf)
@@ -176,7 +180,8 @@ def write_csv(preds: list[Prediction], classes: list[str], out: str | Path | Non
         for p in preds:
             w.writerow([p.path, p.label, f"{p.confidence:.6f}", *[f"{p.probabilities[c]:.6f}" for c in classes],
                         "" if p.ood is None else str(p.ood).lower(),
-                        "" if p.ood_score is None else f"{p.ood_score:.4f}", ";".join(c for c, _ in p.warnings)])
+                        "" if p.ood_score is None else f"{p.ood_score:.4f}",
+                        "unchecked" if p.warnings is None else ";".join(c for c, _ in p.warnings)])
         if out is None:
             sys.stdout.write(buf.getvalue())
     finally:
