@@ -48,17 +48,15 @@ from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.explain import METHODS, gradcam_array
 from leukoscope.explain.faithfulness import (
-    RECORD_FILE,
     ROAD_PERCENTILES,
     deletion_insertion,
     differences,
     model_score_fn,
     paired_difference,
     random_map,
-    record_from_results,
     road,
-    weights_sha256,
 )
+from leukoscope.explain.record import RECORD_FILE, record_from_results, weights_sha256
 from leukoscope.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,12 +25,12 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from leukoscope.data.datasets import NORMAL_CLASS_NAMES
 from leukoscope.preprocess.cells import Cell, DetectConfig, detect_cells
 from leukoscope.preprocess.segment import check_rgb
 
-# Class names that mean "not abnormal" (a cell that is no blast / from a healthy person). Any other class of the
-# model counts as abnormal unless ScanConfig.normal_classes says otherwise.
-NORMAL_CLASS_NAMES = ("healthy", "normal", "hem", "benign", "non-blast", "non_blast", "no_blast", "negative")
+# A class named in NORMAL_CLASS_NAMES is "not abnormal" (a cell that is no blast / from a healthy person); any other
+# class of the model counts as abnormal unless ScanConfig.normal_classes says otherwise.
 
 # Box colours (RGB) of the overlay and of QuPath classifications.
 NORMAL_COLOUR = (40, 170, 60)

@@ -7,15 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from leukoscope.explain.faithfulness import (
-    deletion_insertion,
-    image_kind,
-    method_faithfulness,
-    random_map,
-    record_from_results,
-    road,
-    weights_sha256,
-)
+from leukoscope.explain.faithfulness import deletion_insertion, random_map, road
+from leukoscope.explain.record import image_kind, method_faithfulness, record_from_results, weights_sha256
 
 
 def _score(batch: np.ndarray) -> np.ndarray:

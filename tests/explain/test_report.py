@@ -80,7 +80,7 @@ def test_cli_explain_exit_status_and_outputs(cnn_model, cnmc_paths, tmp_path, ca
 def test_cli_explain_reports_the_shipped_verdict_of_the_image_kind(cnmc_paths, data_root, tmp_path, capsys):
     # the shipped leukemia-cell carries its measured verdicts per kind of image (faithfulness.json); explain reports
     # the one of the explained image's kind, and cautions (stderr, JSON, index.html) exactly when it is not "passes"
-    from leukoscope.explain.faithfulness import method_faithfulness
+    from leukoscope.explain.record import method_faithfulness
     from leukoscope.models import resolve_model_dir
 
     d = resolve_model_dir("leukemia-cell")

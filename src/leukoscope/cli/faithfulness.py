@@ -67,17 +67,16 @@ def main(args: argparse.Namespace) -> int:
 
     from leukoscope.data.images import read_image
     from leukoscope.errors import ImageReadError
-    from leukoscope.explain.faithfulness import (
+    from leukoscope.explain.faithfulness import ROAD_PERCENTILES, measure
+    from leukoscope.explain.record import (
         PRIMARY,
-        ROAD_PERCENTILES,
         SECONDARY,
         image_kind,
         images_kind,
-        measure,
         record_from_results,
         verdict,
     )
-    from leukoscope.explain.faithfulness import weights_sha256 as sha_of
+    from leukoscope.explain.record import weights_sha256 as sha_of
     from leukoscope.models import load_model
     from leukoscope.predict import collect_paths
 
@@ -145,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         kind = images_kind([image_kind(im) for im in images])
         if args.record:  # a kind that the record cannot take is refused before the long measurement, not after
-            from leukoscope.explain.faithfulness import RECORD_FILE, kind_conflict
+            from leukoscope.explain.record import RECORD_FILE, kind_conflict
 
             rec_path = Path(model.path) / RECORD_FILE
             conflict = kind_conflict(json.loads(rec_path.read_text()) if rec_path.is_file() else None,
@@ -179,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     if args.record:
-        from leukoscope.explain.faithfulness import RECORD_FILE
+        from leukoscope.explain.record import RECORD_FILE
 
         path = Path(model.path) / RECORD_FILE
         prev = json.loads(path.read_text()) if path.is_file() else None

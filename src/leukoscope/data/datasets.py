@@ -25,6 +25,8 @@ HEALTHY, LEUKEMIC = "healthy", "leukemic"
 BINARY_CLASSES = (HEALTHY, LEUKEMIC)
 
 DATA_ROOT_ENV = "LEUKOSCOPE_DATA_ROOT"
+# Class names that mean "not abnormal" (lower case): what the field scanner and cam_mask treat as normal.
+NORMAL_CLASS_NAMES = ("healthy", "normal", "hem", "benign", "non-blast", "non_blast", "no_blast", "negative")
 
 
 @dataclass(frozen=True)

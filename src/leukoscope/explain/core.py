@@ -14,8 +14,8 @@ import torch
 
 from leukoscope.data.images import read_image
 from leukoscope.explain.cam import CAM, Method, explain_tensor, get_method, resolve_layer
-from leukoscope.explain.faithfulness import image_kind, method_faithfulness
 from leukoscope.explain.overlay import render_overlay
+from leukoscope.explain.record import image_kind, method_faithfulness
 from leukoscope.models.modeldir import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Explanation:
         model: the model's name; source: the image's path, or ``<array>``.
         faithfulness: what the model directory's faithfulness record says of the method (``verdict``: passes /
             fails / inconclusive / not measured, and a ``note`` for the reader; see
-            :func:`leukoscope.explain.faithfulness.method_faithfulness`).
+            :func:`leukoscope.explain.record.method_faithfulness`).
     """
 
     label: str

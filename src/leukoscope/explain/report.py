@@ -20,8 +20,8 @@ import numpy as np
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError
 from leukoscope.explain.core import as_model, explain
-from leukoscope.explain.faithfulness import method_faithfulness
 from leukoscope.explain.overlay import blend
+from leukoscope.explain.record import method_faithfulness
 from leukoscope.models.modeldir import LoadedModel
 
 THUMB = 160

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leukoscope.flow.channels import match_channels
+
 __all__ = ["Spillover", "spillover_from_keywords", "spillover_from_dfc", "parse_spillover_string", "compensate"]
 
 _DFC = re.compile(r"^dfc(\d+)to(\d+)$")
@@ -100,8 +102,6 @@ def compensate(events: np.ndarray, channels: list[str], spill: Spillover) -> np.
 
     ``events`` must hold linear values (log channels decoded), columns named by ``channels`` ($PnN).
     """
-    from leukoscope.flow.fcs import match_channels
-
     idx = match_channels(list(channels), list(spill.channels), source="compensation")
     out = np.array(events, dtype=np.float64, copy=True)
     out[:, idx] = out[:, idx] @ np.linalg.inv(np.asarray(spill.matrix, dtype=float))

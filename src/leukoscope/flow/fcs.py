@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leukoscope.errors import LeukoscopeError, require
+from leukoscope.errors import require
+from leukoscope.flow.channels import FCSReadError, match_channels, normalize_channel_name
 from leukoscope.flow.compensation import Spillover, spillover_from_keywords
 
 __all__ = [
@@ -35,15 +36,6 @@ __all__ = [
 ]
 
 _FCS_MAGIC = re.compile(rb"^FCS[23]\.[0-9]")
-
-
-class FCSReadError(LeukoscopeError, ValueError):
-    """An FCS file could not be read: missing, empty, not FCS, truncated, or inconsistent."""
-
-    def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read FCS file {self.path}: {reason}")
 
 
 @dataclass
@@ -87,32 +79,6 @@ class FlowSample:
     def column(self, name: str) -> np.ndarray:
         """Events of the channel whose ``$PnN`` is ``name`` (matched as :func:`normalize_channel_name` does)."""
         return self.events[:, match_channels(self.channels, [name], source=self.path)[0]]
-
-
-def normalize_channel_name(name: str) -> str:
-    """Case-folded, whitespace-collapsed channel name, so ``'FL1  log'`` matches ``'FL1 Log'``."""
-    return " ".join(str(name).split()).casefold()
-
-
-def match_channels(
-    available: list[str], wanted: list[str], positions: list[int] | None = None, source: object = "<events>"
-) -> list[int]:
-    """Column index of each wanted channel, by ``$PnN``; by 1-based ``positions`` where a name is not found.
-
-    Raises:
-        FCSReadError: a channel is found neither by name nor by position.
-    """
-    norm = [normalize_channel_name(c) for c in available]
-    out = []
-    for i, name in enumerate(wanted):
-        key = normalize_channel_name(name)
-        if key in norm:
-            out.append(norm.index(key))
-        elif positions is not None and i < len(positions) and 1 <= positions[i] <= len(available):
-            out.append(positions[i] - 1)
-        else:
-            raise FCSReadError(source, f"no channel with $PnN {name!r}; the file has {available}")
-    return out
 
 
 def _check_header(path: Path) -> None:

@@ -421,7 +421,7 @@ def _cam_masks(cfg: TrainConfig, net: nn.Module, trainable: _Trainable, train: t
     g the last feature map's side. Only the abnormal classes' maps are constrained: a healthy cell is the absence of
     abnormal evidence, and a constrained healthy map simply vanishes (measured: all-zero maps on healthy C-NMC
     cells), since a class of a softmax can lose all its positive evidence without changing a prediction."""
-    from leukoscope.scan import NORMAL_CLASS_NAMES
+    from leukoscope.data.datasets import NORMAL_CLASS_NAMES
 
     abnormal = [i for i, c in enumerate(classes) if c.lower() not in NORMAL_CLASS_NAMES]
     feats, _, samples = train
