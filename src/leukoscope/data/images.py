@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from leukoscope.errors import ImageReadError
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -140,3 +144,21 @@ def _to_rgb(img: Image.Image, label: str) -> np.ndarray:
     if _is_high_bit_depth(img):
         return _array_to_rgb8(np.asarray(img), label)
     raise ImageReadError(label, f"image must be RGB or grayscale, got mode {mode!r}")
+
+
+def read_readable(items: Iterable[T], failures: list[tuple[str, str]], path: Callable[[T], str | Path] = Path,
+                  ) -> Iterator[tuple[T, np.ndarray]]:
+    """``(item, RGB image)`` for every item whose image reads; each one that does not is appended to ``failures`` as
+    ``(path, reason)`` and skipped (the one loop that training, evaluation and fitting read their images with).
+
+    Args:
+        items: paths, or anything ``path`` turns into one (e.g. ``lambda s: s.path`` for dataset samples).
+    """
+    for item in items:
+        p = path(item)
+        try:
+            rgb = read_image(p)
+        except ImageReadError as exc:
+            failures.append((str(p), exc.reason))
+            continue
+        yield item, rgb

@@ -8,9 +8,8 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoscope.data.datasets import Dataset, combine, load_dataset
-from leukoscope.data.images import read_image
+from leukoscope.data.images import read_readable
 from leukoscope.data.splits import Split
-from leukoscope.errors import ImageReadError
 from leukoscope.evaluate.report import evaluate_predictions
 from leukoscope.models.modeldir import LoadedModel, load_model
 
@@ -19,12 +18,9 @@ def model_logits(model: LoadedModel, ds: Dataset, batch_size: int = 32, progress
     """Logits for every readable sample of ``ds``: (logits, y, samples, failures)."""
     index = {c: i for i, c in enumerate(model.classes)}
     xs, ys, ok, failed, out = [], [], [], [], []
-    for s in tqdm(ds.samples, desc="evaluating", unit="img", disable=not progress, leave=False):
-        try:
-            xs.append(model.preprocess(read_image(s.path)))
-        except ImageReadError as exc:
-            failed.append((str(s.path), exc.reason))
-            continue
+    samples = tqdm(ds.samples, desc="evaluating", unit="img", disable=not progress, leave=False)
+    for s, rgb in read_readable(samples, failed, lambda s: s.path):
+        xs.append(model.preprocess(rgb))
         ys.append(index[s.label])
         ok.append(s)
         if len(xs) == batch_size:

@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from leukoscope.config import TrainConfig, save_config
 from leukoscope.data.datasets import Dataset, Sample, combine, load_dataset
-from leukoscope.data.images import read_image
+from leukoscope.data.images import read_image, read_readable
 from leukoscope.data.splits import Split, assert_no_leak, group_split
-from leukoscope.errors import ImageReadError
 from leukoscope.models.backbones import mean_std
 from leukoscope.models.modeldir import build_network, round_weights, save_model_dir, softmax
 from leukoscope.preprocess.stain import fit_stain
@@ -449,12 +448,9 @@ def _compute_all(cache: StemCache, net: nn.Module, train_ds: Dataset, val_ds: Da
 def _load_images(part: Dataset, pre: Preprocess, failures: list) -> tuple[list[np.ndarray], torch.Tensor, list]:
     imgs, ys, ok = [], [], []
     index = {c: i for i, c in enumerate(part.classes)}
-    for s in tqdm(part.samples, desc="reading images", unit="img", leave=False):
-        try:
-            imgs.append(pre.prepare(read_image(s.path)))
-        except ImageReadError as exc:
-            failures.append((str(s.path), exc.reason))
-            continue
+    samples = tqdm(part.samples, desc="reading images", unit="img", leave=False)
+    for s, rgb in read_readable(samples, failures, lambda s: s.path):
+        imgs.append(pre.prepare(rgb))
         ys.append(index[s.label])
         ok.append(s)
     return imgs, torch.tensor(ys), ok

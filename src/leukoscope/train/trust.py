@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from leukoscope.data.datasets import Dataset
-from leukoscope.data.images import read_image
-from leukoscope.errors import ImageReadError
+from leukoscope.data.images import read_readable
 from leukoscope.models.modeldir import LoadedModel, load_model
 from leukoscope.models.ood import DEFAULT_METHOD, KEEP, OOD_FILE, fit_model_detector
 
@@ -33,12 +32,10 @@ def _readable(ds: Dataset, per_source: int, seed: int) -> list[np.ndarray]:
     for src in sorted(by_source):
         group = by_source[src]
         samples += [group[i] for i in sorted(rng.permutation(len(group))[:per_source])]
-    out = []
-    for s in samples:
-        try:
-            out.append(read_image(s.path))
-        except ImageReadError as exc:
-            log.warning("quality reference: skipping %s (%s)", s.path, exc.reason)
+    failed: list[tuple[str, str]] = []
+    out = [rgb for _, rgb in read_readable(samples, failed, lambda s: s.path)]
+    for path, reason in failed:
+        log.warning("quality reference: skipping %s (%s)", path, reason)
     return out
 
 
