@@ -21,13 +21,14 @@ from leukoscope.models.ood import DEFAULT_METHOD, KEEP, OOD_FILE, fit_model_dete
 log = logging.getLogger(__name__)
 
 
-def _readable(ds: Dataset, per_source: int, seed: int) -> list[np.ndarray]:
-    """Up to ``per_source`` images of each source of ``ds``, drawn at random, as RGB arrays (unreadable ones
-    skipped)."""
+def _readable(ds: Dataset, total: int, seed: int) -> list[np.ndarray]:
+    """About ``total`` images of ``ds`` drawn at random, the same number from each source (``total / sources``, or
+    all of a smaller source), as RGB arrays (unreadable ones skipped)."""
     rng = np.random.default_rng(seed)
     by_source: dict[str, list] = {}
     for s in ds.samples:
         by_source.setdefault(s.source, []).append(s)
+    per_source = -(-total // max(1, len(by_source)))
     samples = []
     for src in sorted(by_source):
         group = by_source[src]
@@ -40,8 +41,8 @@ def _readable(ds: Dataset, per_source: int, seed: int) -> list[np.ndarray]:
 
 
 def fit_trust(model: LoadedModel | str | Path, parts: dict[str, Dataset] | None = None, method: str = DEFAULT_METHOD,
-              keep: float = KEEP, max_train: int = 4000, quality_per_source: int = 150,
-              calibration_per_source: int = 80, seed: int = 0,
+              keep: float = KEEP, max_train: int = 4000, quality_images: int = 750,
+              calibration_images: int = 400, seed: int = 0,
               progress: bool = False) -> dict[str, Any]:
     """Fit and save the detector and the quality reference of ``model``'s directory.
 
@@ -50,8 +51,9 @@ def fit_trust(model: LoadedModel | str | Path, parts: dict[str, Dataset] | None 
         method: the out-of-distribution score (:data:`leukoscope.models.ood.OOD_METHODS`).
         keep: the share of validation images the threshold leaves unflagged.
         max_train: at most this many training images (drawn at random) fit the detector.
-        quality_per_source: at most this many training images of each source fit the quality reference, and
-            ``calibration_per_source`` validation images of each source set its margins (other patients).
+        quality_images: about this many training images fit the quality reference, and ``calibration_images``
+            validation images set its margins (other patients); each source gives the same share (a model of five
+            sources: 150 and 80 of each; of one source: all 750 and 400 from it, as far as it has them).
 
     Returns:
         What was fitted: method, threshold, counts, and the validation share flagged.
@@ -69,11 +71,11 @@ def fit_trust(model: LoadedModel | str | Path, parts: dict[str, Dataset] | None 
     model._ood = det
     from leukoscope.preprocess.quality import MIN_CALIBRATION, QUALITY_FILE, QualityReference
 
-    calibration = _readable(parts["val"], calibration_per_source, seed + 1)
+    calibration = _readable(parts["val"], calibration_images, seed + 1)
     if len(calibration) < MIN_CALIBRATION:  # too few to set the margins: the training images set them themselves
         log.info("quality reference: %d validation images are too few to calibrate on", len(calibration))
         calibration = None
-    ref = QualityReference.fit(_readable(parts["train"], quality_per_source, seed), progress=progress,
+    ref = QualityReference.fit(_readable(parts["train"], quality_images, seed), progress=progress,
                                calibration=calibration)
     ref.save(model.path / QUALITY_FILE)
     model._quality = ref
