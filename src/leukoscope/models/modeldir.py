@@ -187,6 +187,7 @@ class LoadedModel:
     precision: str = "fp32"
     tta: bool = False  # average the logits over the 4 flips of each image (see :meth:`logits`)
     _session: Any = None
+    _session_path: Path | None = None  # the network's ONNX file, opened on first use (see :meth:`_main_session`)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _part_sessions: dict = field(default_factory=dict, repr=False)
     _session_threads: int = 0
@@ -231,11 +232,11 @@ class LoadedModel:
     def set_onnx_threads(self, threads: int) -> None:
         """Re-open the ONNX Runtime session with ``threads`` (see :func:`onnx_session`; a server wants 1: its
         parallelism comes from the requests); no-op on PyTorch or for 0 (the session stays as it is)."""
-        if threads > 0 and self.backend == "onnx" and self._session is not None:
-            self._session = onnx_session(self.path / INT8_FILE if self.precision == "int8" else onnx_path_for(self),
-                                         threads)
+        if threads > 0 and self.backend == "onnx":
             self._session_threads = threads
             with self._parts_lock:
+                if self._session_path is not None:
+                    self._session = None  # opened again, with these threads, on first use
                 self._part_sessions.clear()
 
     def onnx_part(self, name: str, part: nn.Module, x: np.ndarray) -> np.ndarray | None:
@@ -330,9 +331,19 @@ class LoadedModel:
         z, f = self.logits_and_features(x) if det.needs_features else (self.logits(x), None)
         return softmax(z / self.temperature), det.score(f, z)
 
+    def _main_session(self) -> Any:
+        """The ONNX Runtime session of the whole network, opened on first use: a model whose answers come with
+        embeddings (:meth:`logits_and_features`) never needs it."""
+        if self._session is None and self._session_path is not None:
+            with self._parts_lock:
+                if self._session is None:
+                    self._session = onnx_session(self._session_path, self._session_threads)
+        return self._session
+
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        if self._session is not None:
-            return self._session.run(None, {"input": x})[0]
+        session = self._main_session()
+        if session is not None:
+            return session.run(None, {"input": x})[0]
         import torch
 
         with self._lock, torch.inference_mode():
@@ -450,7 +461,7 @@ def _attach_onnx(model: LoadedModel, required: bool, threads: int = 0) -> None:
                 raise
             log.warning("ONNX export failed (%s); using PyTorch", exc)
             return
-    model._session = onnx_session(path, threads)
+    model._session_path = path
     model._session_threads = threads
     model.backend = "onnx"
 
@@ -475,7 +486,7 @@ def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
         from leukoscope.errors import MissingExtraError
 
         raise MissingExtraError("the int8 backend needs onnxruntime: pip install 'leukoscope[onnx]'") from None
-    model._session = onnx_session(path, threads)
+    model._session_path = path
     model._session_threads = threads
     model.backend, model.precision = "onnx", "int8"  # explanations still cut the float32 network (onnx_part)
 

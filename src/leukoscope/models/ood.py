@@ -174,7 +174,7 @@ def load_detector(model_dir: str | Path, weights_sha256: str | None) -> OODDetec
     made_for = det.meta.get("weights_sha256")
     if made_for and weights_sha256 and made_for != weights_sha256:
         log.warning("%s was fitted for other weights (%s); no out-of-distribution flags until it is fitted again "
-                    "(`leukoscope ood fit --model %s`)", path, made_for[:16], model_dir)
+                    "(`leukoscope ood --model %s`)", path, made_for[:16], model_dir)
         return None
     return det
 

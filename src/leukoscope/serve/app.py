@@ -486,7 +486,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                                   input_bytes=len(up.data), client=client,
                                   image=up.data if cfg.store_images else None)
 
-    def trust(model: LoadedModel, out: dict[str, Any]) -> dict[str, Any]:
+    def with_ood_threshold(model: LoadedModel, out: dict[str, Any]) -> dict[str, Any]:
         out["ood_threshold"] = None if model.ood is None else float(model.ood.threshold)
         return out
 
@@ -536,7 +536,7 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             from leukoscope.predict import predict as predict_image
 
             rgb = decode(up)
-            out = trust(m, predict_image(rgb, m).to_dict())
+            out = with_ood_threshold(m, predict_image(rgb, m).to_dict())
             out.pop("path")
             res = base(name, m, up, rgb) | out
             res["audit_id"] = audit("predict", name, m, up, out, request)
@@ -571,10 +571,11 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                 e = explain(rgb, model=m, method=method)
             except ValueError as exc:  # e.g. an image too small to explain
                 raise HTTPException(422, f"cannot explain {up.filename!r}: {exc}") from exc
-            out = trust(m, {"label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
-                            "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
-                            "hottest_region": e.region, "faithfulness": e.faithfulness, "ood": e.ood,
-                            "ood_score": e.ood_score, "warnings": [{"code": c, "message": t} for c, t in e.warnings]})
+            out = with_ood_threshold(m, {
+                "label": e.label, "confidence": e.confidence, "probabilities": e.probabilities,
+                "explained_class": e.explained_class, "method": e.method, "target_layer": e.target_layer,
+                "hottest_region": e.region, "faithfulness": e.faithfulness, "ood": e.ood, "ood_score": e.ood_score,
+                "warnings": [{"code": c, "message": t} for c, t in e.warnings]})
             res = base(name, m, up, rgb) | out
             res["audit_id"] = audit("explain", name, m, up, out, request)
             res["overlay"] = encode_image(blend(rgb, e.heatmap))
