@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -70,7 +72,6 @@ class TrainConfig:
     hybrid_heads: int = 4
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA
-    workers: int = 0
     cache_dir: str = ""  # default ~/.cache/leukoscope
 
     def spec(self) -> dict:
@@ -131,6 +132,9 @@ def make_config(overrides: dict[str, Any] | None = None, file: str | Path | None
         layers.append(("overrides", overrides))
     for where, doc in layers:
         for key, value in doc.items():
+            if key in RETIRED_KEYS:  # written by older versions into saved config.yaml files; never read
+                log.info("config key %r in %s is no longer used: %s", key, where, RETIRED_KEYS[key])
+                continue
             if key not in known:
                 close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -141,6 +145,9 @@ def make_config(overrides: dict[str, Any] | None = None, file: str | Path | None
             raise ValueError(f"Unknown {key} {values[key]!r}. Available: {list(allowed)}")
     return dataclasses.replace(base, **values)
 
+
+# keys older versions wrote that no code reads any more: dropped (with a note) when a saved config is read
+RETIRED_KEYS = {"workers": "images are decoded once and held in memory; there is no data-loader worker pool"}
 
 # keys whose values are names: checked when the config is built, before minutes of data loading
 CHOICES = {"operating_point": ("argmax", "balanced"), "weights_dtype": ("float32", "float16"),

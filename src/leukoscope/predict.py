@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from leukoscope.data.images import is_image_path, read_image
+from leukoscope.data.images import batched, is_image_path, read_image
 from leukoscope.errors import ImageReadError
 from leukoscope.models.modeldir import LoadedModel, load_model
 
@@ -144,28 +144,18 @@ def predict_files(model: LoadedModel | str | None, paths: list[Path], batch_size
         model = load_model(model, kind="image")
     preds: list[Prediction] = []
     failed: list[tuple[str, str]] = []
-    batch_x: list[np.ndarray] = []
-    batch_p: list[str] = []
-    batch_w: list[list[tuple[str, str]]] = []
 
-    def flush() -> None:
-        if batch_x:
-            preds.extend(_answers(model, batch_p, np.stack(batch_x), batch_w))
-        batch_x.clear()
-        batch_p.clear()
-        batch_w.clear()
+    def readable() -> Iterator[tuple[Path, tuple[np.ndarray, list[tuple[str, str]] | None]]]:
+        for path, item in tqdm(_prepared(model, paths, workers, quality), total=len(paths), desc="predicting",
+                               unit="img", disable=not progress, leave=False):
+            if isinstance(item, str):
+                failed.append((str(path), item))
+            else:
+                yield path, item
 
-    for path, item in tqdm(_prepared(model, paths, workers, quality), total=len(paths), desc="predicting", unit="img",
-                           disable=not progress, leave=False):
-        if isinstance(item, str):
-            failed.append((str(path), item))
-            continue
-        batch_x.append(item[0])
-        batch_w.append(item[1])
-        batch_p.append(str(path))
-        if len(batch_x) >= batch_size:
-            flush()
-    flush()
+    for batch in batched(readable(), batch_size):
+        preds.extend(_answers(model, [str(p) for p, _ in batch], np.stack([x for _, (x, _) in batch]),
+                              [w for _, (_, w) in batch]))
     return preds, failed
 
 

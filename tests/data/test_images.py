@@ -152,3 +152,13 @@ def test_absurdly_large_image_is_refused(tmp_path):
         read_image(path)
     with pytest.raises(ImageReadError, match="above the limit of 100"):
         read_image(_save(Image.new("RGB", (20, 10)), tmp_path / "small.png"), max_pixels=100)
+
+
+def test_batched_gives_full_batches_then_the_rest() -> None:
+    from leukoscope.data.images import batched
+
+    assert [b for b in batched(range(7), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 4)) == []
+    assert list(batched(iter("ab"), 2)) == [["a", "b"]]
+    with pytest.raises(ValueError, match="at least 1"):
+        list(batched([1], 0))

@@ -105,3 +105,23 @@ def test_combined_sources_keep_aria_ranges_and_other_groups_whole(data_root):
     assert aria_test == {f"all_aria/{p}" for p in alone.parts["test"]}
     pbc_test = [p for p in split.parts["test"] if p.startswith("pbc/")]
     assert 0.15 * 1200 <= len(pbc_test) <= 0.25 * 1200
+
+
+def test_one_group_kfold_behind_every_caller() -> None:
+    """Image splits, flow subject folds and the classical models' tuning folds are the same group_folds."""
+    from leukoscope.data.splits import group_folds
+    from leukoscope.flow.classifier import subject_folds
+    from leukoscope.models.classical import inner_group_splits
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"p{i}" for i in range(12)], 5)
+    y = np.repeat(rng.permutation([0, 1] * 6), 5)
+    folds = group_folds(y, groups, 4, seed=3)
+    assert sorted(np.concatenate([te for _, te in folds]).tolist()) == list(range(len(y)))
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+        assert set(y[te]) == {0, 1}  # stratified: both classes in every test fold
+    for other in (subject_folds(y, groups, 4, 3), inner_group_splits(y, groups, 4, 3)):
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other, strict=True))
+    with pytest.raises(ValueError, match="only 12 groups"):
+        group_folds(y, groups, 13)

@@ -146,6 +146,22 @@ def _to_rgb(img: Image.Image, label: str) -> np.ndarray:
     raise ImageReadError(label, f"image must be RGB or grayscale, got mode {mode!r}")
 
 
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter): the one batching loop of inference and
+    evaluation (``LoadedModel.predict_paths``, ``predict.predict_files``, ``evaluate.run.model_logits``,
+    ``models.ood.embed_images``)."""
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def read_readable(items: Iterable[T], failures: list[tuple[str, str]], path: Callable[[T], str | Path] = Path,
                   ) -> Iterator[tuple[T, np.ndarray]]:
     """``(item, RGB image)`` for every item whose image reads; each one that does not is appended to ``failures`` as

@@ -4,9 +4,12 @@ later model uses the same split. A split is a mapping of sample (path relative t
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,16 +84,41 @@ class Split:
                    doc.get("params", {}))
 
 
-def _fold_ids(labels: list[str], groups: list[str], n_splits: int, seed: int) -> np.ndarray:
-    """Fold index per sample from StratifiedGroupKFold (groups never cut, class ratios kept as far as groups allow)."""
-    n_groups = len(set(groups))
+def group_folds(labels: Sequence[Any], groups: Sequence[Any], n_splits: int, seed: int = 0,
+                quiet: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The one group k-fold of leukoscope: ``(train_idx, test_idx)`` per fold from scikit-learn's
+    StratifiedGroupKFold (shuffled with ``seed``): no group on both sides of a fold, class ratios kept as far as the
+    groups allow. Image splits, the flow subject folds and the classical models' tuning folds all come from here.
+
+    Args:
+        quiet: silence scikit-learn's warning that a class has fewer groups than folds (inner tuning folds).
+
+    Raises:
+        ValueError: fewer groups than ``n_splits``.
+        SplitLeakError: a group on both sides of a fold (a guard; StratifiedGroupKFold never does it).
+    """
+    groups = np.asarray(groups)
+    n_groups = len(np.unique(groups))
     if n_groups < n_splits:
         raise ValueError(f"cannot make {n_splits} group folds from only {n_groups} groups")
-    fold = np.empty(len(labels), dtype=int)
     from sklearn.model_selection import StratifiedGroupKFold  # scikit-learn takes a second to import
 
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", message=".*least populated class.*")
+        folds = list(cv.split(np.zeros(len(labels)), np.asarray(labels), groups))
+    for tr, te in folds:
+        both = set(groups[tr].tolist()) & set(groups[te].tolist())
+        if both:
+            raise SplitLeakError(f"groups on both sides of a fold: {sorted(both)[:5]}")
+    return folds
+
+
+def _fold_ids(labels: list[str], groups: list[str], n_splits: int, seed: int) -> np.ndarray:
+    """Fold index per sample of :func:`group_folds`."""
+    fold = np.empty(len(labels), dtype=int)
+    for k, (_, test) in enumerate(group_folds(labels, groups, n_splits, seed)):
         fold[test] = k
     return fold
 

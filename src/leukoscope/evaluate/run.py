@@ -8,7 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leukoscope.data.datasets import Dataset, combine, load_dataset
-from leukoscope.data.images import read_readable
+from leukoscope.data.images import batched, read_readable
 from leukoscope.data.splits import Split
 from leukoscope.evaluate.report import evaluate_predictions
 from leukoscope.models.modeldir import LoadedModel, load_model
@@ -17,17 +17,12 @@ from leukoscope.models.modeldir import LoadedModel, load_model
 def model_logits(model: LoadedModel, ds: Dataset, batch_size: int = 32, progress: bool = False):
     """Logits for every readable sample of ``ds``: (logits, y, samples, failures)."""
     index = {c: i for i, c in enumerate(model.classes)}
-    xs, ys, ok, failed, out = [], [], [], [], []
+    ys, ok, failed, out = [], [], [], []
     samples = tqdm(ds.samples, desc="evaluating", unit="img", disable=not progress, leave=False)
-    for s, rgb in read_readable(samples, failed, lambda s: s.path):
-        xs.append(model.preprocess(rgb))
-        ys.append(index[s.label])
-        ok.append(s)
-        if len(xs) == batch_size:
-            out.append(model.logits(np.stack(xs)))
-            xs = []
-    if xs:
-        out.append(model.logits(np.stack(xs)))
+    for batch in batched(read_readable(samples, failed, lambda s: s.path), batch_size):
+        out.append(model.logits(model.prepare_batch([rgb for _, rgb in batch])))
+        ys.extend(index[s.label] for s, _ in batch)
+        ok.extend(s for s, _ in batch)
     logits = np.concatenate(out) if out else np.zeros((0, len(model.classes)), np.float32)
     return logits, np.array(ys, dtype=int), ok, failed
 

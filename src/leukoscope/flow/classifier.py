@@ -92,7 +92,7 @@ def fit_platt(decision: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def subject_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified group k-fold (train_idx, test_idx) pairs; k is lowered to the smaller class's subject count."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    from leukoscope.data.splits import group_folds
 
     y = np.asarray(y).astype(int)
     groups = np.asarray(groups)
@@ -101,15 +101,7 @@ def subject_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -
     k = min(n_splits, n_min)
     if k < 2:
         raise ValueError(f"subject-level CV needs at least 2 subjects per class, got {n_min} in the smaller class")
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    folds = [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y, groups)]
-    for tr, te in folds:
-        both = set(groups[tr]) & set(groups[te])
-        if both:
-            from leukoscope.errors import SplitLeakError
-
-            raise SplitLeakError(f"subjects on both sides of a fold: {sorted(both)[:5]}")
-    return folds
+    return group_folds(y, groups, k, seed)
 
 
 @dataclass

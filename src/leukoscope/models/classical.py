@@ -361,16 +361,13 @@ def inner_group_splits(y: np.ndarray, groups: Sequence[str], n_splits: int, seed
 
     ``n_splits`` is lowered to the number of groups when there are fewer.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from leukoscope.data.splits import group_folds
 
     groups = np.asarray(groups)
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise ValueError(f"group-aware tuning needs at least 2 groups in the training data, got {n_groups}")
-    cv = StratifiedGroupKFold(n_splits=min(n_splits, n_groups), shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
-        return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y, groups)]
+    return group_folds(y, groups, min(n_splits, n_groups), seed, quiet=True)
 
 
 def _make_rf(config: ClassicalConfig) -> Any:

@@ -139,16 +139,13 @@ class Embedder:
             try:
                 import tempfile
 
-                import onnxruntime as ort
-
                 from leukoscope.models.export import export_onnx
+                from leukoscope.models.modeldir import onnx_session
 
                 module = _EmbeddingNet(self.net)
                 with tempfile.TemporaryDirectory() as tmp:
                     path = export_onnx(module, self.config.input_size, Path(tmp) / "embed.onnx")
-                    opts = ort.SessionOptions()
-                    opts.log_severity_level = 3
-                    self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                    self._session = onnx_session(path)
             except Exception as exc:  # noqa: BLE001  (no onnxruntime / exporter: PyTorch still works)
                 log.warning("embedding in PyTorch: the ONNX export of the embedding network failed (%s)", exc)
                 self._session = False

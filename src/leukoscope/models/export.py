@@ -42,9 +42,9 @@ def _export(module: torch.nn.Module, x: torch.Tensor, tmp: Path, opset: int,
 
 def max_abs_diff(module: torch.nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:
     """Largest difference between PyTorch and ONNX Runtime logits on ``x``."""
-    import onnxruntime as ort
+    from leukoscope.models.modeldir import onnx_session
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = onnx_session(onnx_path)
     with torch.inference_mode():
         ref = module(torch.from_numpy(x)).numpy()
     return float(np.abs(sess.run(None, {"input": x})[0] - ref).max())

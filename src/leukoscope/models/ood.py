@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,30 +186,24 @@ def embed_images(model: Any, images: Any, batch_size: int = 32, progress: bool =
     iterable of RGB arrays or paths, through ``model`` (a :class:`~leukoscope.models.modeldir.LoadedModel`)."""
     from tqdm import tqdm
 
-    from leukoscope.data.images import read_image
+    from leukoscope.data.images import batched, read_image
     from leukoscope.errors import ImageReadError
 
-    zs, fs, ok, failed, batch = [], [], [], [], []
+    zs, fs, ok, failed = [], [], [], []
 
-    def flush() -> None:
-        if batch:
-            z, f = model.logits_and_features(np.stack(batch))
-            zs.append(z)
-            fs.append(f)
-            batch.clear()
+    def readable() -> Iterator[tuple[int, np.ndarray]]:
+        items = list(images) if not isinstance(images, list) else images
+        for i, im in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress, leave=False)):
+            try:
+                yield i, (im if isinstance(im, np.ndarray) else read_image(im))
+            except ImageReadError as exc:
+                failed.append((i, exc.reason))
 
-    items = list(images) if not isinstance(images, list) else images
-    for i, im in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress, leave=False)):
-        try:
-            rgb = im if isinstance(im, np.ndarray) else read_image(im)
-        except ImageReadError as exc:
-            failed.append((i, exc.reason))
-            continue
-        batch.append(model.preprocess(rgb))
-        ok.append(i)
-        if len(batch) == batch_size:
-            flush()
-    flush()
+    for batch in batched(readable(), batch_size):
+        z, f = model.logits_and_features(model.prepare_batch([rgb for _, rgb in batch]))
+        zs.append(z)
+        fs.append(f)
+        ok.extend(i for i, _ in batch)
     if not zs:
         return np.zeros((0, len(model.classes)), np.float32), np.zeros((0, 0), np.float32), ok, failed
     return np.concatenate(zs), np.concatenate(fs), ok, failed

@@ -124,9 +124,10 @@ class StemCache:
 def _fast_runner(stem: nn.Module, size: int):
     """The frozen stem through ONNX Runtime when installed (~10x eager PyTorch on 2 CPU cores), else PyTorch."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (installed?)
 
         from leukoscope.models.export import export_onnx
+        from leukoscope.models.modeldir import onnx_session
     except ImportError:
         return lambda x: stem(torch.from_numpy(x))
     import tempfile
@@ -134,9 +135,7 @@ def _fast_runner(stem: nn.Module, size: int):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = export_onnx(stem, size, Path(tmp) / "stem.onnx")
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sess = onnx_session(path)
         except Exception as exc:  # an architecture the exporter cannot handle: stay with PyTorch
             log.warning("ONNX export of the stem failed (%s); computing features with PyTorch", exc)
             return lambda x: stem(torch.from_numpy(x))
