@@ -32,6 +32,14 @@ def cell(data_root) -> Path:
 
 
 @pytest.fixture(scope="module")
+def field(data_root) -> Path:
+    path = data_root / "all_idb" / "ALL_IDB1" / "im" / "Im086_0.jpg"  # a healthy field with one white cell
+    if not path.exists():
+        pytest.fail(f"ALL-IDB1 field not found: looked for {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
 def patient_folder(data_root, tmp_path_factory) -> Path:
     src = data_root / "aml_multiclass" / "Data" / "All" / PATIENT
     if not src.is_dir():
@@ -66,7 +74,8 @@ def _call_twice(name: str, cell: Path) -> None:
         assert [s.path for s in a.samples] == [s.path for s in b.samples] and len(a.samples) > 100
     elif name == "shipped_models":
         a, b = fn(), fn()
-        assert a == b == sorted(p.parent.name for p in SHIPPED_DIR.glob("*/model.safetensors"))
+        assert a == b == sorted(p.parent.name for p in SHIPPED_DIR.glob("*/*.safetensors"))
+        assert {"leukemia-cell", "apl", "wbc-detector"} <= set(a)
     elif name == "load_model":
         a, b = fn(), fn("leukemia-cell")
         assert a.name == b.name == "leukemia-cell" and a.classes == b.classes == ["healthy", "leukemic"]
@@ -160,17 +169,28 @@ def _predict_flow(model, fcs_file: Path, **_) -> tuple[str, dict[str, float]]:
     return rows[0]["label"], {c: rows[0][f"p_{c}"] for c in model.classes}
 
 
-PREDICT_BY_KIND = {"image": _predict_image, "patient": _predict_patient, "flow": _predict_flow}
+def _predict_detector(model, field: Path, **_) -> tuple[str, dict[str, float]]:
+    from leukoscope.data.images import read_image
+
+    found = model.detect(read_image(field))
+    # Im086_0: a lymphocyte at (1333, 702) among red cells and platelets
+    assert min(np.hypot(c.x - 1333, c.y - 702) for c in found.cells) < 0.3 * found.rbc_diameter
+    return "white cell", {"white cell": 1.0}
+
+
+PREDICT_BY_KIND = {"image": _predict_image, "patient": _predict_patient, "flow": _predict_flow,
+                   "detector": _predict_detector}
 
 
 @pytest.mark.parametrize("name", leukoscope.shipped_models())
-def test_every_shipped_model_loads_by_name_and_predicts(name, cell, patient_folder, fcs_file):
+def test_every_shipped_model_loads_by_name_and_predicts(name, cell, patient_folder, fcs_file, field):
     kind = json.loads((SHIPPED_DIR / name / "model.json").read_text())["kind"]  # every shipped model says its kind
     assert model_kind(SHIPPED_DIR / name) == kind
     assert kind in PREDICT_BY_KIND, f"shipped model {name!r} of kind {kind!r}: add how it predicts to this test"
     model = leukoscope.load_model(name)
-    label, proba = PREDICT_BY_KIND[kind](model, cell=cell, patient_folder=patient_folder, fcs_file=fcs_file)
-    assert list(proba) == list(model.classes) and label in model.classes
+    label, proba = PREDICT_BY_KIND[kind](model, cell=cell, patient_folder=patient_folder, fcs_file=fcs_file,
+                                         field=field)
+    assert list(proba) == list(model.classes) and label in proba
     assert all(0 <= p <= 1 for p in proba.values())
     np.testing.assert_allclose(sum(proba.values()), 1.0, atol=1e-5)
 

@@ -8,7 +8,8 @@ Pipeline: :func:`leukoscope.preprocess.cells.detect_cells` finds the white cells
 :attr:`ScanConfig.crop_rbc_diameters` red-cell diameters centred on the cell (so a crop looks like an ALL-IDB2
 training image whatever the field's magnification: 257 px around a cell of a 1712 x 1368 ALL-IDB1 field, where a
 red cell measures ~70 px, is ~3.6 red-cell diameters), resized to the model's input size and classified. A cell is
-*abnormal* when the probability of the model's non-normal classes reaches :attr:`ScanConfig.abnormal_threshold`.
+*abnormal* when the probability of the model's non-normal classes reaches :attr:`ScanConfig.abnormal_threshold`
+(default: the model's stored operating point, see :func:`abnormal_threshold`).
 Field totals come only from the cells found, never from the image size or magnification.
 """
 
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from leukoscope.data.datasets import NORMAL_CLASS_NAMES
-from leukoscope.preprocess.cells import Cell, DetectConfig, detect_cells
+from leukoscope.preprocess.cells import Cell, DetectConfig, Detection, detect_cells
 from leukoscope.preprocess.segment import check_rgb
 
 # A class named in NORMAL_CLASS_NAMES is "not abnormal" (a cell that is no blast / from a healthy person); any other
@@ -48,15 +49,24 @@ class Classifier(Protocol):
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray: ...
 
 
+DETECTORS = ("learned", "classical")
+DEFAULT_DETECTOR = "learned"
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Parameters of :func:`scan_field`.
 
     Attributes:
-        detect: white-cell detection settings.
+        detector: ``learned`` (the shipped white-cell detector, :mod:`leukoscope.preprocess.wbc_detector`; it
+            separates touching cells) or ``classical`` (nucleus segmentation and watershed,
+            :func:`leukoscope.preprocess.cells.detect_cells`, tuned by ``detect``), or the path of a detector
+            directory.
+        detect: white-cell detection settings of the classical detector (``rbc_diameter`` applies to both).
         crop_rbc_diameters: side of the square crop handed to the classifier, in red-cell diameters.
         border: crops of cells near the field's edge: ``clip``, ``shift`` or ``reflect`` (see :func:`crop_cell`).
-        abnormal_threshold: a cell is abnormal when its summed probability of abnormal classes reaches this.
+        abnormal_threshold: a cell is abnormal when its summed probability of abnormal classes reaches this; None
+            (default): the model's stored operating point for a two-class model, else 0.5 (:func:`abnormal_threshold`).
         normal_classes: the model's classes that are not abnormal; empty = those named in ``NORMAL_CLASS_NAMES``.
         partial_rbc_diameters: a cell touching the field's edge whose centroid lies closer to the edge than this many
             red-cell diameters is *partial* (most of it is outside the field): it is listed, classified and drawn
@@ -67,10 +77,11 @@ class ScanConfig:
         batch_size: crops per classifier call.
     """
 
+    detector: str = DEFAULT_DETECTOR
     detect: DetectConfig = field(default_factory=DetectConfig)
     crop_rbc_diameters: float = 3.6
     border: str = "clip"
-    abnormal_threshold: float = 0.5
+    abnormal_threshold: float | None = None
     normal_classes: tuple[str, ...] = ()
     partial_rbc_diameters: float = 0.8
     gradcam: bool = True
@@ -78,12 +89,15 @@ class ScanConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.abnormal_threshold <= 1.0:
+        if self.abnormal_threshold is not None and not 0.0 <= self.abnormal_threshold <= 1.0:
             raise ValueError(f"abnormal_threshold must be in [0, 1], got {self.abnormal_threshold}")
         if self.border not in BORDER_MODES:
             raise ValueError(f"Unknown border mode {self.border!r}. Available: {list(BORDER_MODES)}")
         if self.crop_rbc_diameters <= 0:
             raise ValueError(f"crop_rbc_diameters must be positive, got {self.crop_rbc_diameters}")
+        if self.detector not in DETECTORS and not Path(self.detector).expanduser().is_dir():
+            raise ValueError(f"detector must be one of {list(DETECTORS)} or a detector directory, "
+                             f"got {self.detector!r}")
         if self.partial_rbc_diameters < 0:
             raise ValueError(f"partial_rbc_diameters must be 0 or more, got {self.partial_rbc_diameters}")
 
@@ -135,6 +149,8 @@ class FieldResult:
     gradcam_note: str = ""
     warnings: list[tuple[str, str]] = field(default_factory=list)  # the field's image-quality warnings
     ood_checked: bool = False  # the model had an out-of-distribution detector
+    work_scale: float | None = None  # detector's working pixels per field pixel (one red cell = work_rbc_px)
+    threshold: float = 0.5  # the abnormal threshold used (ScanConfig's, or the model's operating point)
 
     @property
     def counted(self) -> list[ScannedCell]:
@@ -162,6 +178,16 @@ class FieldResult:
     def abnormal_share(self) -> float | None:
         return self.n_abnormal / self.n_white_cells if self.n_white_cells else None
 
+    def abnormal_count_interval(self, level: float = 0.95) -> tuple[int, int]:
+        """Interval of the number of abnormal cells given each counted cell's probability of being abnormal
+        (Poisson-binomial; the uncertainty of the classification, with the detector's cells taken as found)."""
+        return poisson_binomial_interval([c.p_abnormal for c in self.counted], level)
+
+    def abnormal_share_interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Wilson interval of the abnormal share of white cells (the sampling uncertainty of a differential count
+        of ``n_white_cells`` cells)."""
+        return wilson_interval(self.n_abnormal, self.n_white_cells, level) if self.n_white_cells else None
+
     def to_dict(self, source: str = "") -> dict[str, Any]:
         w, h = self.image_size
         return {
@@ -171,11 +197,14 @@ class FieldResult:
             "model": self.model_name,
             "classes": self.classes,
             "abnormal_classes": self.abnormal_classes,
-            "abnormal_threshold": self.config.abnormal_threshold,
+            "abnormal_threshold": self.threshold,
             "rbc_diameter_px": round(self.rbc_diameter, 2),
             "white_cells": self.n_white_cells,
             "abnormal_cells": self.n_abnormal,
             "abnormal_share": None if self.abnormal_share is None else round(self.abnormal_share, 4),
+            "abnormal_cells_ci95": list(self.abnormal_count_interval()),
+            "abnormal_share_ci95": (None if self.abnormal_share_interval() is None
+                                    else [round(v, 4) for v in self.abnormal_share_interval()]),
             "label_counts": {k: sum(c.label == k for c in self.counted) for k in self.classes},
             "partial_cells": self.n_partial,
             "smudge_cells": len(self.smudges),
@@ -183,9 +212,48 @@ class FieldResult:
             "warnings": [{"code": c, "message": m} for c, m in self.warnings],
             "gradcam": self.gradcam_note,
             "cells": [c.to_dict() for c in self.cells],
-            "detection": asdict(self.config.detect) | {"crop_rbc_diameters": self.config.crop_rbc_diameters,
+            "detection": asdict(self.config.detect) | {"detector": self.config.detector,
+                                                        "work_scale": (None if self.work_scale is None
+                                                                       else round(self.work_scale, 5)),
+                                                        "crop_rbc_diameters": self.config.crop_rbc_diameters,
                                                         "partial_rbc_diameters": self.config.partial_rbc_diameters},
         }
+
+
+def abnormal_threshold(model: Any, classes: Sequence[str], abnormal: Sequence[str]) -> float:
+    """The threshold on P(abnormal) when the scan settings give none: a two-class model's stored operating point
+    (chosen on its validation images, e.g. where sensitivity equals specificity; ``predict`` answers at it too) when
+    its second class is the abnormal one, else 0.5."""
+    t = getattr(model, "threshold", None)
+    if t is not None and len(classes) == 2 and list(abnormal) == [classes[1]]:
+        return float(t)
+    return 0.5
+
+
+def poisson_binomial_interval(p: Sequence[float], level: float = 0.95) -> tuple[int, int]:
+    """Central interval of the number of successes of independent trials with probabilities ``p``."""
+    dist = np.ones(1)
+    for q in p:
+        q = float(np.clip(q, 0.0, 1.0))
+        dist = np.convolve(dist, [1.0 - q, q])
+    cdf = np.cumsum(dist)
+    tail = (1.0 - level) / 2
+    return int(np.searchsorted(cdf, tail - 1e-12)), int(np.searchsorted(cdf, 1.0 - tail - 1e-12))
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n``."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    ph = k / n
+    centre = (ph + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo = 0.0 if k == 0 else max(0.0, float(centre - half))  # exact ends where rounding would leave 1e-17
+    hi = 1.0 if k == n else min(1.0, float(centre + half))
+    return lo, hi
 
 
 def abnormal_class_names(classes: Sequence[str], normal: Sequence[str] = ()) -> list[str]:
@@ -294,7 +362,9 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
     classes = [str(c) for c in model.classes]
     abnormal = abnormal_class_names(classes, cfg.normal_classes)
     ab_idx = [classes.index(c) for c in abnormal]
-    det = detect_cells(rgb, cfg.detect)
+    threshold = (abnormal_threshold(model, classes, abnormal) if cfg.abnormal_threshold is None
+                 else float(cfg.abnormal_threshold))
+    det = find_white_cells(rgb, cfg)
     side = cfg.crop_rbc_diameters * det.rbc_diameter
     size = int(model.input_size)
     crops, boxes = [], []
@@ -330,7 +400,7 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
         part = is_partial(c, w, h, cfg.partial_rbc_diameters * det.rbc_diameter)
         score = None if scores is None else float(scores[i])
         cells.append(ScannedCell(c, classes[k], float(p[k]), probs, p_ab,
-                                 p_ab >= cfg.abnormal_threshold and not part, box, partial=part,
+                                 p_ab >= threshold and not part, box, partial=part,
                                  ood=None if score is None else bool(model.ood.flag(score)), ood_score=score))
     note = "off"
     if cfg.gradcam and not any(c.abnormal for c in cells):
@@ -351,7 +421,28 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
 
     return FieldResult(cells, classes, abnormal, det.rbc_diameter, (w, h), det.smudges, cfg, _model_name(model), note,
                        [(q.code, q.message) for q in check_field(rgb)],
-                       getattr(model, "ood", None) is not None and hasattr(model, "predict_arrays_ood"))
+                       getattr(model, "ood", None) is not None and hasattr(model, "predict_arrays_ood"), det.scale,
+                       threshold)
+
+
+_DETECTORS: dict[str, Any] = {}
+
+
+def get_detector(name: str) -> Any:
+    """The learned white-cell detector (``learned`` = the shipped one, or a directory), loaded once per process."""
+    if name not in _DETECTORS:
+        from leukoscope.preprocess.wbc_detector import load_detector
+
+        _DETECTORS[name] = load_detector(None if name == "learned" else name)
+    return _DETECTORS[name]
+
+
+def find_white_cells(rgb: np.ndarray, config: ScanConfig | None = None) -> Detection:
+    """The white cells of a field with the detector that ``config`` names (see :class:`ScanConfig`)."""
+    cfg = config or ScanConfig()
+    if cfg.detector == "classical":
+        return detect_cells(rgb, cfg.detect)
+    return get_detector(cfg.detector).detect(rgb, rbc_diameter=cfg.detect.rbc_diameter)
 
 
 # ------------------------------------------------------------------------------------------------------------------

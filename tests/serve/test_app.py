@@ -136,6 +136,9 @@ def test_scan_field_matches_library(client, served_models, field_path):
     assert got["white_cells"] == ref.n_white_cells == len(got["cells"]) - got["partial_cells"] > 0
     assert got["partial_cells"] == ref.n_partial == sum(c["partial"] for c in got["cells"])
     assert got["abnormal_cells"] == ref.n_abnormal
+    assert got["abnormal_cells_ci95"] == list(ref.abnormal_count_interval())
+    assert got["abnormal_share_ci95"] == pytest.approx(ref.abnormal_share_interval(), abs=1e-4)
+    assert got["detection"]["detector"] == "learned"  # the page and the API show the learned detector's cells
     assert [c["label"] for c in got["cells"]] == [c.label for c in ref.cells]
     h, w = rgb.shape[:2]
     assert got["image_size"] == [w, h]
@@ -327,3 +330,44 @@ def test_serve_defaults_to_every_shipped_image_model():
     assert names[0] == "leukemia-cell"
     assert set(names) == {n for n in shipped_models() if model_kind(SHIPPED_DIR / n) == "image"}
     assert {"all-subtype", "cell-type"} <= set(names) and "apl" not in names and "flow-aml" not in names
+
+
+def test_flow_endpoint_matches_the_library_and_refuses_what_it_cannot_read(client):
+    """The shipped flow model over the API: one FCS file in, the same probabilities as leukoscope.flow out."""
+    from leukoscope.flow.data import flow_data_root
+    from leukoscope.flow.model import load_flow_model, predict_files
+    from leukoscope.models.modeldir import SHIPPED_DIR
+
+    fcs = flow_data_root() / "flowcap2_aml_cytodx_fcs/sample12.fcs"
+    r = client.post("/v1/flow", files={"file": ("s12.fcs", fcs.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    (row,), errors = predict_files(load_flow_model(SHIPPED_DIR / "flow-aml"), [fcs])
+    assert errors == [] and got["label"] == row["label"] and got["model"] == "flow-aml"
+    assert got["probabilities"] == pytest.approx({k: row[f"p_{k}"] for k in ("normal", "aml")}, abs=1e-9)
+    assert got["audit_id"] > 0 and len(got["weights_sha256"]) == 64 and got["filename"] == "s12.fcs"
+    bad = client.post("/v1/flow", files={"file": ("x.fcs", b"not an fcs file", "application/octet-stream")})
+    assert bad.status_code == 422 and "cannot read 'x.fcs' as FCS" in bad.json()["detail"]
+    other = client.post("/v1/flow", data={"model": "flow-amll"},
+                        files={"file": ("s12.fcs", fcs.read_bytes(), "application/octet-stream")})
+    assert other.status_code == 404 and "Did you mean 'flow-aml'" in other.json()["detail"]
+
+
+def test_diagnose_endpoint_matches_the_library(client, data_root):
+    """One patient's cells over the API give what leukoscope.diagnose gives for the same cells."""
+    from leukoscope.diagnose.core import Diagnoser
+
+    src = data_root / "aml_multiclass" / "Data" / "All" / "Patient_00"
+    cells = sorted(q for q in src.rglob("*") if q.suffix.lower() in (".jpg", ".png"))[:6]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in cells]
+    files.append(("files", ("broken.jpg", b"not an image", "image/jpeg")))
+    r = client.post("/v1/diagnose", data={"patient": "P0"}, files=files)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    ref = Diagnoser("apl").diagnose_images("P0", [read_image(p) for p in cells])
+    assert got["label"] == ref.label and got["n_cells"] == 6 and got["model"] == "apl"
+    assert got["probabilities"]["APL"] == pytest.approx(ref.p_apl, abs=1e-4)
+    assert sum(got["cell_type_counts"].values()) == 6
+    assert [s["file"] for s in got["skipped"]] == ["broken.jpg"]
+    none = client.post("/v1/diagnose", files=[("files", ("b.jpg", b"junk", "image/jpeg"))])
+    assert none.status_code == 422

@@ -155,6 +155,7 @@ def test_field_shows_cell_boxes(page, live_server, field_path):
     assert n > 0 and card.locator(".cell-box:not(.partial)").count() == n
     assert card.locator(".cell-box.partial").count() >= 1  # this field has cells cut by its edge
     assert card.locator(".cell-box.abnormal").count() == int(card.get_attribute("data-abnormal"))
+    assert "95% CI" in card.locator(".field-summary").inner_text()  # the abnormal share with its interval
     box = card.locator(".cell-box").first.bounding_box()
     stage = card.locator(".stage").bounding_box()
     assert box["width"] > 2 and stage["x"] <= box["x"] and box["x"] + box["width"] <= stage["x"] + stage["width"] + 1

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "serve": "serve",
     "models": "models",
     "ood": "ood",
+    "detector": "detector",
 }
 
 

@@ -67,7 +67,13 @@ def _classical(d: Path, info: dict) -> dict[str, Any]:
             "architecture": meta.get("kind", "?"), "metrics": {}}
 
 
-DESCRIBE = {"image": _image, "patient": _patient, "flow": _flow, "classical": _classical}
+def _detector(d: Path, info: dict) -> dict[str, Any]:
+    return {"classes": ["white cell"],
+            "architecture": f"{info.get('architecture', 'centre heatmap')}; red cell = {info.get('work_rbc_px')} px",
+            "metrics": {}}
+
+
+DESCRIBE = {"image": _image, "patient": _patient, "flow": _flow, "classical": _classical, "detector": _detector}
 
 
 def describe(d: Path) -> dict[str, Any]:

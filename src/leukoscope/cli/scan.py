@@ -16,10 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("fields", nargs="+", metavar="FIELD", help="field images, folders (searched recursively) or globs")
     p.add_argument("--model", default=None, help="shipped model name or model directory (default: leukemia-cell)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the JSON, overlay and GeoJSON files")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="a cell is abnormal when its probability of abnormal classes reaches this (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a cell is abnormal when its probability of abnormal classes reaches this (default: the "
+                        "model's stored operating point, e.g. 0.64 for leukemia-cell; 0.5 for models without one)")
     p.add_argument("--normal-class", action="append", default=None, metavar="NAME",
                    help="a class of the model that is not abnormal (repeatable; default: healthy/normal/hem/...)")
+    p.add_argument("--detector", default="learned", metavar="NAME|DIR",
+                   help="white-cell detector: learned (default; the shipped one, separates touching cells), "
+                        "classical (nucleus segmentation + watershed), or a detector directory")
     p.add_argument("--crop-rbc", type=float, default=3.6, metavar="N",
                    help="side of each cell crop in red-cell diameters (default 3.6, like ALL-IDB2 crops)")
     p.add_argument("--rbc-diameter", type=float, default=None, metavar="PX",
@@ -45,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = ScanConfig(crop_rbc_diameters=args.crop_rbc, abnormal_threshold=args.threshold,
                      normal_classes=tuple(args.normal_class or ()), gradcam=not args.no_gradcam,
-                     partial_rbc_diameters=args.partial_rbc)
+                     partial_rbc_diameters=args.partial_rbc, detector=args.detector)
     if args.rbc_diameter is not None:
         cfg = with_detect(cfg, rbc_diameter=args.rbc_diameter)
     paths, problems = collect_paths(args.fields)
@@ -65,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
         used.add(stem)
         result = scan_field(rgb, model, cfg)
         write_outputs(result, rgb, args.out, stem, source=str(path), overlay=not args.no_overlay)
-        share = "n/a" if result.abnormal_share is None else f"{result.abnormal_share:.1%}"
+        ci = result.abnormal_share_interval()
+        share = "n/a" if ci is None else f"{result.abnormal_share:.1%}, 95% CI {ci[0]:.0%}-{ci[1]:.0%}"
         partial = f", {result.n_partial} cut by the edge (not counted)" if result.n_partial else ""
         print(f"{path}: {result.n_white_cells} white cells, {result.n_abnormal} abnormal ({share}){partial} -> "
               f"{args.out}/{stem}.json")

@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from leukoscope._registry import Registry, unknown_name_message
-from leukoscope.data.images import read_image
-from leukoscope.errors import ImageReadError
 from leukoscope.preprocess.transforms import Preprocess
 
 if TYPE_CHECKING:  # PyTorch is imported where a network is built or run: the ONNX Runtime path never needs it
@@ -75,8 +73,8 @@ def build_network(spec: dict, num_classes: int, pretrained: str | bool = "auto")
 def shipped_models() -> list[str]:
     if not SHIPPED_DIR.is_dir():
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "model.json").exists() and (p / "model.safetensors")
-                  .exists())
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "model.json").exists() and any(
+        (p / w).exists() for w in ("model.safetensors", "detector.safetensors")))
 
 
 def resolve_model_dir(name_or_dir: str | Path | None, default: str = DEFAULT_MODEL, kind: str = "model",
@@ -385,19 +383,14 @@ class LoadedModel:
     def predict_paths(self, paths: list[str | Path], batch_size: int = 32) -> tuple[list[Path], np.ndarray,
                                                                                      list[tuple[str, str]]]:
         """(readable paths, probabilities, [(unreadable path, reason)])."""
-        ok, probs, failed = [], [], []
-        batch: list[np.ndarray] = []
-        for p in paths:
-            try:
-                batch.append(read_image(p))
-                ok.append(Path(p))
-            except ImageReadError as exc:
-                failed.append((str(p), exc.reason))
-            if len(batch) == batch_size:
-                probs.append(self.predict_arrays(batch, batch_size))
-                batch = []
-        if batch:
-            probs.append(self.predict_arrays(batch, batch_size))
+        from leukoscope.data.images import batched, read_readable
+
+        ok: list[Path] = []
+        probs: list[np.ndarray] = []
+        failed: list[tuple[str, str]] = []
+        for batch in batched(read_readable(paths, failed), batch_size):
+            ok.extend(Path(p) for p, _ in batch)
+            probs.append(self.predict_arrays([rgb for _, rgb in batch], batch_size))
         arr = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
         return ok, arr, failed
 
@@ -496,6 +489,7 @@ if TYPE_CHECKING:
     from leukoscope.diagnose.model import PatientModel
     from leukoscope.flow.model import FlowModel
     from leukoscope.models.classical import ClassicalModel
+    from leukoscope.preprocess.wbc_detector import WBCDetector
 
 # What each kind of model directory holds, what load_model returns for it, and how that object is used.
 MODEL_KINDS: dict[str, dict[str, str]] = {
@@ -507,6 +501,8 @@ MODEL_KINDS: dict[str, dict[str, str]] = {
              "use": "leukoscope.flow.model.predict_files(model, [fcs_path])"},
     "classical": {"returns": "ClassicalModel", "input": "one cell image, as its hand-crafted features",
                   "use": "model.predict_proba(leukoscope.models.classical.extract_features(rgb)[None])"},
+    "detector": {"returns": "WBCDetector", "input": "a whole smear field (RGB, any magnification)",
+                 "use": "model.detect(rgb).cells (leukoscope scan uses it to find the white cells)"},
 }
 LOADERS: Registry = Registry("model kind")
 
@@ -529,6 +525,8 @@ def model_kind(path: str | Path) -> str:
             kind = "patient"
         elif "format_version" in info and "classifier" in info and "feature_names" in info:
             kind = "flow"
+        elif "work_rbc_px" in info and "threshold" in info:
+            kind = "detector"
         else:
             raise ValueError(f"{info_path} does not say what kind of model it holds: add \"kind\" (one of "
                              f"{LOADERS.names()})")
@@ -584,6 +582,13 @@ def _load_classical_model(path: Path, allow_pickle: bool = False) -> Any:
     return ClassicalModel.load(path, allow_pickle=allow_pickle)
 
 
+@LOADERS.register("detector")
+def _load_detector(path: Path, backend: str = "auto") -> Any:
+    from leukoscope.preprocess.wbc_detector import load_detector
+
+    return load_detector(path, backend=backend)
+
+
 def _loaded_kind(obj: object) -> str | None:
     """The kind of an object load_model returned (by class name: no import of the other kinds' modules)."""
     names = {c.__name__ for c in type(obj).__mro__}
@@ -592,7 +597,7 @@ def _loaded_kind(obj: object) -> str | None:
 
 def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onnx_threads: int = 0,
                tta: bool = False, *, kind: str | None = None, allow_pickle: bool = False
-               ) -> LoadedModel | PatientModel | FlowModel | ClassicalModel:
+               ) -> LoadedModel | PatientModel | FlowModel | ClassicalModel | WBCDetector:
     """Load a model directory or a shipped model by name (default ``leukemia-cell``), whatever its kind.
 
     The directory's ``model.json`` says its ``kind`` (see :func:`model_kind`), and the kind says what comes back:
@@ -608,6 +613,8 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     - ``classical`` (a directory written by ``ClassicalModel.save``): a
       :class:`leukoscope.models.classical.ClassicalModel`, class probabilities from hand-crafted features of cell
       images: ``model.predict_proba(extract_features(rgb)[None])``.
+    - ``detector`` (``wbc-detector``): a :class:`leukoscope.preprocess.wbc_detector.WBCDetector`, the white cells of
+      a whole smear field: ``model.detect(rgb).cells`` (``leukoscope scan`` uses it).
 
     Args:
         backend: image models only. ``auto`` (ONNX Runtime when onnxruntime is installed, else PyTorch), ``torch``,

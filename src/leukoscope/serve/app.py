@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,8 @@ JPEG_MAX_SIDE = 1600
 # per image, enough for one client to stall the server, so they stay on the command line.
 API_METHODS = ("gradcam", "gradcam++", "layercam")
 _UPLOAD_TYPES = ("image/", "application/octet-stream")
+FLOW_MODEL = "flow-aml"
+PATIENT_MODEL = "apl"
 # Content-Security-Policy of the page: everything from this app, nothing from anywhere else.
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -75,6 +78,9 @@ class ServeConfig:
         explain_methods: the explanation methods ``/v1/explain`` accepts.
         onnx_threads: ONNX Runtime threads per request, without spin-waiting (see
             ``LoadedModel.set_onnx_threads``); 0 keeps the session :func:`leukoscope.models.load_model` made.
+        flow_models: the flow cytometry models ``/v1/flow`` answers with (shipped names or directories); each is
+            loaded on its first request.
+        patient_models: the patient models ``/v1/diagnose`` answers with (loaded on their first request).
     """
 
     audit_db: str | Path = "leukoscope-audit.sqlite"
@@ -84,6 +90,8 @@ class ServeConfig:
     log_client: bool = False
     explain_methods: tuple[str, ...] = API_METHODS
     onnx_threads: int = 1
+    flow_models: tuple[str, ...] = ("flow-aml",)
+    patient_models: tuple[str, ...] = ("apl",)
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes <= 0:
@@ -167,7 +175,13 @@ class ScanResponse(BaseModel):
     white_cells: int
     abnormal_cells: int
     abnormal_share: float | None
+    abnormal_cells_ci95: list[int] = Field(description="95% interval of the abnormal count, given each counted "
+                                           "cell's probability of being abnormal")
+    abnormal_share_ci95: list[float] | None = Field(None, description="95% Wilson interval of the abnormal share of "
+                                                    "white cells (null without white cells)")
     label_counts: dict[str, int]
+    detection: dict[str, Any] = Field(description="the white-cell detector (learned / classical), the working scale "
+                                      "and the detection settings")
     partial_cells: int = Field(description="cells cut by the field's edge: listed in cells, not counted")
     ood_cells: int | None = Field(None, description="counted cells unlike the model's training cells (their class "
                                   "is not to be trusted); null when the model has no detector")
@@ -177,6 +191,30 @@ class ScanResponse(BaseModel):
     result: dict[str, Any] = Field(description="everything leukoscope.scan reports for the field")
     overlay: EncodedImage = Field(description="the field with every cell boxed in its class colour")
     image: EncodedImage | None = None
+
+
+class FlowResponse(BaseModel):
+    label: str = Field(description="the most probable class (normal or aml for flow-aml)")
+    confidence: float = Field(description="probability of that class")
+    probabilities: dict[str, float] = Field(description="probability of every class")
+    model: str
+    weights_sha256: str
+    filename: str
+    sha256: str
+    audit_id: int
+
+
+class DiagnoseResponse(BaseModel):
+    patient: str
+    label: str = Field(description="AML or APL for the shipped apl model")
+    probabilities: dict[str, float] = Field(description="P(AML) and P(APL) of the patient")
+    n_cells: int = Field(description="cells read and used")
+    skipped: list[dict[str, str]] = Field(description="uploads that could not be read as images, with the reason")
+    cell_type_counts: dict[str, int] = Field(description="differential count: each cell's most probable type")
+    ood_share: float | None = Field(None, description="share of the cells unlike the cell-type model's training "
+                                    "cells: the higher, the less the diagnosis is to be trusted")
+    model: str
+    audit_id: int
 
 
 class ModelInfo(BaseModel):
@@ -204,9 +242,9 @@ class Health(BaseModel):
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 def default_models() -> list[str]:
-    """Every shipped model that answers for one image (kind ``image``), the default model first. The patient
-    (``apl``) and flow cytometry (``flow-aml``) models take a folder of cells or an FCS file, which the API does not
-    accept; they are used through ``leukoscope diagnose`` and ``leukoscope flow``."""
+    """Every shipped model that answers for one image (kind ``image``), the default model first. The flow cytometry
+    model (``flow-aml``) answers on ``/v1/flow`` (one FCS file), the patient model (``apl``) on ``/v1/diagnose``
+    (a set of one patient's cells)."""
     from leukoscope.models.modeldir import DEFAULT_MODEL, SHIPPED_DIR, model_kind, shipped_models
 
     names = [n for n in shipped_models() if model_kind(SHIPPED_DIR / n) == "image"]
@@ -382,6 +420,10 @@ class _State:
     predict_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(_cores() + 1, thread_name_prefix="predict"))
 
+    flow_models: dict[str, tuple[Any, str]] = field(default_factory=dict)  # (model, weights sha), on first use
+    diagnosers: dict[str, Any] = field(default_factory=dict)  # patient models, loaded on first use
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
     @property
     def default(self) -> str:
         return next(iter(self.models))
@@ -460,13 +502,13 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             raise HTTPException(404, unknown_name_message("model", name, list(state.models)))
         return name, state.models[name]
 
-    async def read_upload(request: Request, file: UploadFile | None) -> _Upload:
+    async def read_upload(request: Request, file: UploadFile | None, what: str = "the image") -> _Upload:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
             raise HTTPException(415, f"expected a multipart/form-data upload with the image in the field 'file', "
                                      f"got content type {ctype[:80]!r}")
         if file is None:
-            raise HTTPException(400, "no file in the upload: send the image in the multipart field 'file'")
+            raise HTTPException(400, f"no file in the upload: send {what} in the multipart field 'file'")
         name = (file.filename or "upload")[-200:]
         part_type = (file.content_type or "").lower()
         if part_type and not part_type.startswith(_UPLOAD_TYPES):
@@ -587,6 +629,99 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
 
         return await asyncio.get_running_loop().run_in_executor(state.explain_pools[name], work)
 
+    @app.post("/v1/flow", response_model=FlowResponse, tags=["inference"], responses={**_ERRORS, 501: {
+        "model": ErrorResponse, "description": "the flow cytometry extra is not installed"}},
+              summary="Normal vs AML from one flow cytometry FCS file")
+    async def flow(request: Request, file: UploadFile | None = File(None, description="one subject's FCS file"),
+                   model: str = Form(FLOW_MODEL, description="a shipped flow model or a flow model directory "
+                                                             "given to the server")) -> dict:
+        """One subject's FCS file (the panel the model was trained on) -> class probabilities from the flow
+        cytometry SVM (``leukoscope flow predict`` does the same for many files)."""
+        if model not in cfg.flow_models:
+            raise HTTPException(404, unknown_name_message("flow model", model, list(cfg.flow_models)))
+        up = await read_upload(request, file, what="an FCS file")
+
+        def work() -> dict:
+            import tempfile
+
+            try:
+                from leukoscope.flow.model import load_flow_model, predict_files
+            except ImportError as exc:
+                raise HTTPException(501, f"flow cytometry is not available in this installation ({exc}); "
+                                         "pip install 'leukoscope[flow]'") from exc
+            with state.load_lock:
+                if model not in state.flow_models:
+                    from leukoscope.models.modeldir import file_sha256, resolve_model_dir
+
+                    d = resolve_model_dir(model)
+                    weights = d / "model.safetensors"
+                    state.flow_models[model] = (load_flow_model(d),
+                                                file_sha256(weights) if weights.exists() else "")
+            fm, sha = state.flow_models[model]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "upload.fcs"  # the readers take a path; the client's name never becomes one
+                path.write_bytes(up.data)
+                try:
+                    rows, errors = predict_files(fm, [path])
+                except ValueError as exc:
+                    raise HTTPException(422, f"cannot use {model!r} on one FCS file: {exc}") from exc
+            if errors:
+                raise HTTPException(422, f"cannot read {up.filename!r} as FCS: {errors[0][1]}")
+            row = rows[0]
+            probs = {c: row[f"p_{c}"] for c in fm.classes}
+            out = {"label": row["label"], "confidence": row["confidence"], "probabilities": probs}
+            client = request.client.host if cfg.log_client and request.client else None
+            audit_id = state.audit.append(endpoint="flow", model=model, weights_sha256=sha, input_sha256=up.sha256,
+                                          outputs=out, backend="sklearn", input_bytes=len(up.data), client=client,
+                                          image=None)
+            return out | {"model": model, "weights_sha256": sha, "filename": up.filename, "sha256": up.sha256,
+                          "audit_id": audit_id}
+
+        return await run_in_threadpool(work)
+
+    @app.post("/v1/diagnose", response_model=DiagnoseResponse, tags=["inference"], responses=_ERRORS,
+              summary="AML vs APL for one patient from a set of cell images")
+    async def diagnose(request: Request,
+                       files: list[UploadFile] = File(..., description="one patient's cell images (repeat 'files')"),
+                       patient: str = Form("patient", max_length=200, description="a name for the report"),
+                       model: str = Form(PATIENT_MODEL, description="a shipped patient model")) -> dict:
+        """One patient's cells -> P(AML), P(APL), the differential count and the share of unusual cells, as
+        ``leukoscope diagnose`` gives for a folder. Unreadable uploads are listed in ``skipped``."""
+        if model not in cfg.patient_models:
+            raise HTTPException(404, unknown_name_message("patient model", model, list(cfg.patient_models)))
+        ups = [await read_upload(request, f, what="the cell images") for f in files]
+
+        def work() -> dict:
+            images, skipped = [], []
+            for up in ups:
+                try:
+                    images.append(decode(up))
+                except ImageReadError as exc:
+                    skipped.append({"file": up.filename, "reason": exc.reason})
+            if not images:
+                raise HTTPException(422, f"none of the {len(ups)} uploads could be read as a cell image")
+            with state.load_lock:
+                if model not in state.diagnosers:
+                    from leukoscope.diagnose.core import Diagnoser
+
+                    state.diagnosers[model] = Diagnoser(model)
+                diagnoser = state.diagnosers[model]
+                r = diagnoser.diagnose_images(patient, images)
+            types = r.cell_types
+            counts = {t: int(n) for t, n in zip(types, np.bincount(r.cell_proba.argmax(1), minlength=len(types)),
+                                                 strict=True)}
+            out = {"patient": patient, "label": r.label, "probabilities": {"AML": r.p_aml, "APL": r.p_apl},
+                   "n_cells": r.n_cells, "skipped": skipped, "cell_type_counts": counts, "ood_share": r.ood_share}
+            client = request.client.host if cfg.log_client and request.client else None
+            joint = sha256_bytes("".join(up.sha256 for up in ups).encode())
+            audit_id = state.audit.append(
+                endpoint="diagnose", model=model, weights_sha256=str(diagnoser.model.info.get("weights_sha256", "")),
+                input_sha256=joint, outputs=out, backend="torch", input_bytes=sum(len(up.data) for up in ups),
+                client=client, image=None)
+            return out | {"model": model, "audit_id": audit_id}
+
+        return await run_in_threadpool(work)
+
     @app.post("/v1/scan", response_model=ScanResponse, tags=["inference"], responses={**_ERRORS, 501: {
               "model": ErrorResponse, "description": "scanning not available"}},
               summary="Find, classify and box every white cell of a whole field")
@@ -595,8 +730,9 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
                    model: str | None = Form(None, description="model name (default: the first served)"),
                    model_q: str | None = Query(None, alias="model", description="model name, as a query"),
                    gradcam: bool = Form(False, description="blend Grad-CAM into the abnormal cells of the overlay"),
-                   abnormal_threshold: float = Form(0.5, ge=0.0, le=1.0,
-                                                    description="a cell is abnormal from this probability on"),
+                   abnormal_threshold: float | None = Form(None, ge=0.0, le=1.0,
+                                                           description="a cell is abnormal from this probability on "
+                                                                       "(default: the model's operating point)"),
                    include_image: bool = Form(False, description="also return the decoded image (for the page)"),
                    ) -> dict:
         """Find every white cell of a whole field, classify it and flag the abnormal ones: one entry per cell with its
@@ -615,8 +751,9 @@ def create_app(models: Sequence[str | Path | LoadedModel] | Mapping[str, LoadedM
             except ValueError as exc:
                 raise HTTPException(422, f"cannot scan {up.filename!r}: {exc}") from exc
             d = result.to_dict(up.filename)
-            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "label_counts", "partial_cells",
-                                     "ood_cells", "warnings", "cells")}
+            out = {k: d[k] for k in ("white_cells", "abnormal_cells", "abnormal_share", "abnormal_cells_ci95",
+                                     "abnormal_share_ci95", "label_counts", "partial_cells", "ood_cells", "warnings",
+                                     "cells", "detection")}
             res = base(name, m, up, rgb) | out
             res["result"] = d
             res["audit_id"] = audit("scan", name, m, up, out, request)

@@ -203,7 +203,8 @@
     $(".bar", el).hidden = true;
     el.dataset.cells = String(d.white_cells);
     el.dataset.abnormal = String(d.abnormal_cells);
-    const share = d.abnormal_share === null ? "" : ` (${pct(d.abnormal_share)})`;
+    const ci = d.abnormal_share_ci95 ? `, 95% CI ${pct(d.abnormal_share_ci95[0])}-${pct(d.abnormal_share_ci95[1])}` : "";
+    const share = d.abnormal_share === null ? "" : ` (${pct(d.abnormal_share)}${ci})`;
     const fs = $(".field-summary", el);
     fs.hidden = false;
     fs.textContent = `${d.white_cells} white cell${d.white_cells === 1 ? "" : "s"}, ${d.abnormal_cells} abnormal${share}` +
