@@ -167,3 +167,19 @@ def test_detector_directory_errors(tmp_path) -> None:
     (tmp_path / "model.json").write_text(json.dumps({"kind": "image"}))
     with pytest.raises(ValueError, match="not a white-cell detector"):
         load_detector(tmp_path)
+
+
+def test_shipped_card_reports_the_committed_cross_validation() -> None:
+    """The card's recall table is generated from the k-fold results that `leukoscope detector train` wrote."""
+    from pathlib import Path
+
+    from leukoscope.train.wbc_detector import cv_recall
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/wbc_detector_cv.json").read_text())
+    card = (DETECTOR_DIR / "MODEL_CARD.md").read_text()
+    info = json.loads((DETECTOR_DIR / "model.json").read_text())
+    assert info["threshold"] == doc["threshold"] and info["fold_thresholds"] == [f["threshold"] for f in
+                                                                                 doc["cv"]["folds"]]
+    for size, r in cv_recall(doc).items():
+        assert f"| {size} | {r['fields']} | {r['cells']} | {r['recall']:.3f} |" in card
+    assert cv_recall(doc)["all"]["recall"] >= 0.95

@@ -505,6 +505,61 @@ def export_detector(head: Head, cfg: DetectorTrainConfig, out_dir: Path, thresho
     return out_dir
 
 
+def cv_recall(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """White-cell recall of the k-fold detections in ``doc`` (what :func:`train_detector` returns), per field size
+    and over all fields, each field at its fold's threshold."""
+    cfg = doc["config"]
+    rows: dict[str, dict[str, float]] = {}
+    for d in doc["labels"]:
+        fl = FieldLabels(**d)
+        f = doc["cv"]["fields"][fl.name]
+        dets = [(x, y) for x, y, q in f["detections"] if q >= f["threshold"]]
+        c = detection_counts(dets, fl, cfg["match_radius"])
+        for g in (fl.size, "all"):
+            r = rows.setdefault(g, {"fields": 0, "cells": 0, "found": 0})
+            r["fields"] += 1
+            r["cells"] += c["tp"] + c["fn"]
+            r["found"] += c["tp"]
+    for r in rows.values():
+        r["recall"] = r["found"] / max(1, r["cells"])
+    return rows
+
+
+def write_card(out_dir: Path, doc: dict[str, Any]) -> Path:
+    """``MODEL_CARD.md`` of a detector directory, generated from the k-fold results (no number typed by hand)."""
+    cfg, info = doc["config"], json.loads((out_dir / "model.json").read_text())
+    lines = [
+        "# wbc-detector: white cells in whole blood-smear fields", "",
+        "Finds the centre of every white cell in a field at any magnification: the field is resampled so that a red "
+        f"cell is {cfg['work_rbc_px']:g} px, a centre heatmap is computed (EfficientNet-Lite0 blocks[0:5] with "
+        "ImageNet weights, frozen, and a trained head) and its peaks are the cells. `leukoscope scan` uses it.", "",
+        "## Trained on", "",
+        f"- ALL-IDB1, {info['trained_on']['all_idb1_fields']} fields, {info['trained_on']['all_idb1_centres']} "
+        "white-cell centres (expert blast centroids and the nucleated 'other object' centroids); platelets as "
+        "negatives; objects no annotation explains left out of the loss.",
+        f"- BCCD train + val, {info['trained_on']['bccd_fields']} fields, {info['trained_on']['bccd_centres']} "
+        "white-cell boxes. BCCD test was not used.", "",
+        f"## Field-grouped {doc['k']}-fold cross-validation (every field scored by a model that never saw it)", "",
+        f"Threshold per fold chosen on a separate validation fold: {[f['threshold'] for f in doc['cv']['folds']]}; "
+        f"shipped: {doc['threshold']:g} (their median). A cell is found within {cfg['match_radius']:g} red-cell "
+        "diameters of its annotated centre.", "",
+        "| fields | n | white cells | recall |", "|---|---|---|---|"]
+    for g, r in sorted(cv_recall(doc).items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        lines.append(f"| {g} | {r['fields']} | {r['cells']} | {r['recall']:.3f} |")
+    lines += ["", "Blast figures with a classifier, other seeds and the classical detector side by side: "
+              "`benchmarks/results/field_detection.json` (docs/SCAN.md).", "",
+              "## Limits", "",
+              "- One laboratory's fields (ALL-IDB1, two cameras) and BCCD: another stain or microscope is outside what "
+              "it has seen.",
+              "- It finds centres; the outline is a disc. Smudge cells count as white cells; some giant platelets are "
+              "found as white cells.",
+              "- Research use only; not a medical device.", "",
+              f"Rebuild: `{info.get('rebuild', 'leukoscope detector train')}`."]
+    path = out_dir / "MODEL_CARD.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def train_detector(out_dir: Path = DETECTOR_DIR, cfg: DetectorTrainConfig | None = None, k: int = 5,
                    cv_json: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """The one command behind the shipped detector: labels, k-fold CV (results to ``cv_json``), then the detector
@@ -529,4 +584,5 @@ def train_detector(out_dir: Path = DETECTOR_DIR, cfg: DetectorTrainConfig | None
                        "bccd_fields": len(extra), "bccd_centres": sum(len(f.positives) for f in extra)},
         "fold_thresholds": [f["threshold"] for f in cv["folds"]],
         "rebuild": "leukoscope detector train"})
+    write_card(out_dir, doc)
     return doc
