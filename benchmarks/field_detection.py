@@ -5,6 +5,7 @@ model that never saw it, at the threshold chosen on that fold's validation field
 classical detector (:func:`leukoscope.preprocess.cells.detect_cells`) on the same fields. For each magnification
 (1712x1368, 2592x1944, and all 54 ALL-IDB1 fields):
 
+* BCCD's official test fields (never trained on): white-cell recall and precision of both detectors;
 * white-cell recall: annotated white-cell centres (blasts + nucleated "other objects"; platelets excluded, see
   :mod:`leukoscope.train.wbc_detector`) with a detection within one cell radius (0.6 red-cell diameters at the
   field's measured scale), one to one; and the share of white-cell mask components (10 fields) holding a detection;
@@ -84,6 +85,39 @@ def detection_rows(fields: list[Any], dets: dict[str, list[tuple[float, float]]]
         row["recall"] = row["found"] / max(1, row["white_cells"])
         row["mask_recall"] = row["mask_hit"] / row["mask_components"] if row["mask_components"] else None
     return groups
+
+
+def bccd_test() -> dict[str, Any]:
+    """BCCD's official test fields (never trained on; another laboratory's camera and magnification): white-cell
+    recall and precision of each detector, a detection counting when its centre lies inside a WBC box (one to one)."""
+    from leukoscope.data.datasets import load_dataset
+    from leukoscope.data.images import read_image
+    from leukoscope.preprocess.cells import detect_cells
+    from leukoscope.scan import get_detector
+
+    learned = get_detector("learned")
+    rows = {k: {"fields": 0, "wbc_boxes": 0, "detections": 0, "found": 0} for k in ("learned", "classical")}
+    for s in load_dataset("bccd").samples:
+        if s.meta["official_split"] != "test":
+            continue
+        boxes = [(b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in s.meta["boxes"] if b["name"] == "WBC"]
+        rgb = read_image(s.path)
+        for name, cells in (("learned", learned.detect(rgb).cells), ("classical", detect_cells(rgb).cells)):
+            r = rows[name]
+            r["fields"] += 1
+            r["wbc_boxes"] += len(boxes)
+            r["detections"] += len(cells)
+            used: set[int] = set()
+            for c in cells:
+                j = next((j for j, (x0, y0, x1, y1) in enumerate(boxes)
+                          if j not in used and x0 <= c.x <= x1 and y0 <= c.y <= y1), None)
+                if j is not None:
+                    used.add(j)
+            r["found"] += len(used)
+    for r in rows.values():
+        r["recall"] = r["found"] / max(1, r["wbc_boxes"])
+        r["precision"] = r["found"] / max(1, r["detections"])
+    return rows
 
 
 def classify(model: Any, rgb: np.ndarray, cells: list[tuple[float, float]], rbc: float) -> np.ndarray:
@@ -239,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "detection": {"learned": detection_rows(fields, learned, radius),
                       "classical": detection_rows(fields, classical, radius)},
         "blasts": {},
+        "bccd_test": bccd_test(),
     }
     if args.seed_cv:
         per_seed = [(doc["config"]["seed"], result["detection"]["learned"])]
@@ -297,6 +332,13 @@ def report(doc: dict[str, Any]) -> str:
             mr = "" if r["mask_recall"] is None else f"{r['mask_recall']:.3f} ({r['mask_hit']}/{r['mask_components']})"
             lines.append(f"| {det} {g} | {r['fields']} | {r['white_cells']} | {r['recall']:.3f} | {mr} | "
                          f"{r['detections']} | {r['unexplained']} |")
+    if doc.get("bccd_test"):
+        lines += ["", "BCCD test fields (never trained on; another camera and magnification), a detection inside a "
+                  "white-cell box:", "", "| detector | fields | white cells | recall | detections | precision |",
+                  "|---" * 6 + "|"]
+        for name, r in doc["bccd_test"].items():
+            lines.append(f"| {name} | {r['fields']} | {r['wbc_boxes']} | {r['recall']:.3f} | {r['detections']} | "
+                         f"{r['precision']:.3f} |")
     if doc.get("seeds"):
         lines += ["", "Learned detector over seeds (views, windows and head initialisation), median (min-max):", "",
                   "| fields | seeds | recall | unexplained |", "|---|---|---|---|"]

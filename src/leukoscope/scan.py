@@ -4,10 +4,12 @@
     result = scan_field(rgb, model)             # model: anything with .classes, .input_size, .predict_arrays
     write_outputs(result, rgb, "out/", "Im001_1")  # Im001_1.json, Im001_1.overlay.png, Im001_1.geojson
 
-Pipeline: :func:`leukoscope.preprocess.cells.detect_cells` finds the white cells; each is cut out as a square crop of
-:attr:`ScanConfig.crop_rbc_diameters` red-cell diameters centred on the cell (so a crop looks like an ALL-IDB2
-training image whatever the field's magnification: 257 px around a cell of a 1712 x 1368 ALL-IDB1 field, where a
-red cell measures ~70 px, is ~3.6 red-cell diameters), resized to the model's input size and classified. A cell is
+Pipeline: the learned detector (:mod:`leukoscope.preprocess.wbc_detector`, default) or the classical segmentation
+(:func:`leukoscope.preprocess.cells.detect_cells`, ``ScanConfig.detector="classical"``) finds the white cells; each is
+cut out as a square crop of :attr:`ScanConfig.crop_rbc_diameters` red-cell diameters centred on the cell (so a crop
+looks like an ALL-IDB2 training image whatever the field's magnification: 257 px around a cell of a 1712 x 1368
+ALL-IDB1 field, where a red cell measures ~70 px, is ~3.6 red-cell diameters), resized to the model's input size and
+classified. A cell is
 *abnormal* when the probability of the model's non-normal classes reaches :attr:`ScanConfig.abnormal_threshold`
 (default: the model's stored operating point, see :func:`abnormal_threshold`).
 Field totals come only from the cells found, never from the image size or magnification.
