@@ -188,6 +188,13 @@ def test_scan_cli_end_to_end(idb1, tmp_path, monkeypatch, capsys) -> None:
     captured = capsys.readouterr()
     assert "Im086_0.jpg: 1 white cells" in captured.out
     assert "nope.jpg" in captured.err
+    blank = tmp_path / "blank.png"  # no red cells to measure: reported, the other fields still scanned
+    cv2.imwrite(str(blank), np.full((200, 300, 3), 230, np.uint8))
+    assert cli_main(["scan", str(blank), str(idb1["Im086_0"].path), "--out", str(tmp_path / "o2"),
+                     "--no-gradcam"]) == 1
+    captured2 = capsys.readouterr()
+    assert "cannot scan" in captured2.err and "blank" in captured2.err and "Im086_0.jpg:" in captured2.out
+    assert (tmp_path / "o2" / "Im086_0.json").exists() and not (tmp_path / "o2" / "blank.json").exists()
     doc = json.loads((out / "Im086_0.json").read_text())
     assert doc["white_cells"] == 1 and doc["gradcam"] == "off"
     assert (out / "Im086_0.overlay.png").stat().st_size > 0

@@ -67,7 +67,12 @@ def main(args: argparse.Namespace) -> int:
             n += 1
             stem = f"{path.stem}-{n}"
         used.add(stem)
-        result = scan_field(rgb, model, cfg)
+        try:
+            result = scan_field(rgb, model, cfg)
+        except ValueError as exc:  # e.g. a blank image: no red cells to measure; the other fields still run
+            problems.append((str(path), str(exc)))
+            used.discard(stem)
+            continue
         write_outputs(result, rgb, args.out, stem, source=str(path), overlay=not args.no_overlay)
         ci = result.abnormal_share_interval()
         share = "n/a" if ci is None else f"{result.abnormal_share:.1%}, 95% CI {ci[0]:.0%}-{ci[1]:.0%}"
@@ -75,5 +80,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"{path}: {result.n_white_cells} white cells, {result.n_abnormal} abnormal ({share}){partial} -> "
               f"{args.out}/{stem}.json")
     for item, reason in problems:
-        print(f"leukoscope scan: cannot read {item}: {reason}", file=sys.stderr)
+        print(f"leukoscope scan: cannot scan {item}: {reason}", file=sys.stderr)
     return 1 if problems else 0
