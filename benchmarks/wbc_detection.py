@@ -1,5 +1,8 @@
 """White-cell detection and blast localisation on whole smear fields, with a naive baseline in the same run.
 
+The classical detector's benchmark (``--detector classical`` of ``scan``, at threshold 0.5 as when it was the
+default); the learned detector is measured by benchmarks/field_detection.py.
+
 Measures, for :func:`leukoscope.preprocess.cells.detect_cells` and a fixed-pixel baseline (nucleus colour
 threshold + connected components at the original resolution, no cell-size normalisation, no watershed):
 
@@ -207,7 +210,7 @@ def blast_localisation(model, thresholds: list[float], partial_sweep: tuple[floa
 
     ds = load_dataset("all_idb1")
     default = ScanConfig().partial_rbc_diameters
-    cfg = ScanConfig(gradcam=False, abnormal_threshold=0.0, partial_rbc_diameters=0.0)
+    cfg = ScanConfig(detector="classical", gradcam=False, abnormal_threshold=0.0, partial_rbc_diameters=0.0)
     fields = []
     for s in ds.samples:
         rgb = read_image(s.path)
@@ -255,7 +258,8 @@ def crop_sweep(model) -> list[dict]:
         for border in ("clip", "shift", "reflect"):
             n_blast = matched = n_abn = healthy_abn = 0
             for rgb, blasts in fields:
-                res = scan_field(rgb, model, ScanConfig(gradcam=False, crop_rbc_diameters=crop, border=border))
+                res = scan_field(rgb, model, ScanConfig(detector="classical", gradcam=False, abnormal_threshold=0.5,
+                                                        crop_rbc_diameters=crop, border=border))
                 abn = [sc.cell for sc in res.cells if sc.abnormal]
                 if blasts:
                     n_blast += len(blasts)
@@ -286,14 +290,15 @@ def timing(repeats: int, model=None) -> dict:
             detect_cells(rgb)
             det_t.append(time.perf_counter() - t)
             if model is not None:
-                from leukoscope.scan import scan_field, write_outputs
+                from leukoscope.scan import ScanConfig, scan_field, write_outputs
 
                 # The whole `leukoscope scan` work for one field: read, detect, classify, Grad-CAM on abnormal
                 # cells, write JSON, GeoJSON and the full-size overlay PNG.
                 with tempfile.TemporaryDirectory() as tmp:
                     t = time.perf_counter()
                     rgb = read_image(p)
-                    write_outputs(scan_field(rgb, model), rgb, tmp, p.stem)
+                    write_outputs(scan_field(rgb, model, ScanConfig(detector="classical", abnormal_threshold=0.5)),
+                                  rgb, tmp, p.stem)
                     scan_t.append(time.perf_counter() - t)
     crowded = {}
     if model is not None:
@@ -307,7 +312,9 @@ def timing(repeats: int, model=None) -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     t = time.perf_counter()
                     rgb = read_image(path)
-                    write_outputs(scan_field(rgb, model, ScanConfig(gradcam=gradcam)), rgb, tmp, path.stem)
+                    res = scan_field(rgb, model, ScanConfig(detector="classical", abnormal_threshold=0.5,
+                                                            gradcam=gradcam))
+                    write_outputs(res, rgb, tmp, path.stem)
                     times.append(time.perf_counter() - t)
             crowded[f"gradcam_{str(gradcam).lower()}_median_s"] = float(np.median(times))
     out = {"fields": [p.stem for p in big], "repeats": repeats, "read_median_s": float(np.median(read_t)),
