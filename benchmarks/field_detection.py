@@ -90,6 +90,8 @@ def detection_rows(fields: list[Any], dets: dict[str, list[tuple[float, float]]]
 def bccd_test() -> dict[str, Any]:
     """BCCD's official test fields (never trained on; another laboratory's camera and magnification): white-cell
     recall and precision of each detector, a detection counting when its centre lies inside a WBC box (one to one)."""
+    from wbc_detection import match_boxes  # the classical benchmark's BCCD rule, so both report alike
+
     from leukoscope.data.datasets import load_dataset
     from leukoscope.data.images import read_image
     from leukoscope.preprocess.cells import detect_cells
@@ -107,13 +109,7 @@ def bccd_test() -> dict[str, Any]:
             r["fields"] += 1
             r["wbc_boxes"] += len(boxes)
             r["detections"] += len(cells)
-            used: set[int] = set()
-            for c in cells:
-                j = next((j for j, (x0, y0, x1, y1) in enumerate(boxes)
-                          if j not in used and x0 <= c.x <= x1 and y0 <= c.y <= y1), None)
-                if j is not None:
-                    used.add(j)
-            r["found"] += len(used)
+            r["found"] += match_boxes([(c.x, c.y, c.bbox) for c in cells], boxes, "centroid")
     for r in rows.values():
         r["recall"] = r["found"] / max(1, r["wbc_boxes"])
         r["precision"] = r["found"] / max(1, r["detections"])
@@ -121,17 +117,11 @@ def bccd_test() -> dict[str, Any]:
 
 
 def classify(model: Any, rgb: np.ndarray, cells: list[tuple[float, float]], rbc: float) -> np.ndarray:
-    import cv2
-
-    from leukoscope.scan import ScanConfig, abnormal_class_names, crop_cell
+    """P(abnormal) of each cell, from the crops ``scan`` would give the model (leukoscope.scan.cell_crops)."""
+    from leukoscope.scan import ScanConfig, abnormal_class_names, cell_crops
 
     cfg = ScanConfig()
-    size = int(model.input_size)
-    crops = []
-    for x, y in cells:
-        crop, _ = crop_cell(rgb, x, y, cfg.crop_rbc_diameters * rbc, cfg.border)
-        shrink = crop.shape[0] > size or crop.shape[1] > size
-        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
+    crops, _ = cell_crops(rgb, cells, cfg.crop_rbc_diameters * rbc, int(model.input_size), cfg.border)
     if not crops:
         return np.zeros(0)
     classes = list(model.classes)
@@ -239,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from leukoscope.data.images import read_image
     from leukoscope.models import load_model
     from leukoscope.preprocess.cells import detect_cells
-    from leukoscope.preprocess.wbc_detector import _disc_cell
+    from leukoscope.preprocess.wbc_detector import disc_cell
     from leukoscope.scan import ScanConfig, is_partial
 
     doc = json.loads(args.cv.read_text())
@@ -261,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         classical[fl.name] = [(c.x, c.y) for c in det.cells]
         crop_rbc[fl.name] = det.rbc_diameter  # today's scan cuts crops at its own red-cell estimate
         partial["classical"][fl.name] = [is_partial(c, w, h, cut * det.rbc_diameter) for c in det.cells]
-        discs = [_disc_cell(x, y, doc["config"]["cell_radius"] * fl.rbc, 1.0, (h, w)) for x, y in learned[fl.name]]
+        discs = [disc_cell(x, y, doc["config"]["cell_radius"] * fl.rbc, 1.0, (h, w)) for x, y in learned[fl.name]]
         partial["learned"][fl.name] = [is_partial(c, w, h, cut * fl.rbc) for c in discs]
     result: dict[str, Any] = {
         "command": "python benchmarks/field_detection.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -319,6 +319,20 @@ def crop_cell(rgb: np.ndarray, x: float, y: float, side: float,
     return np.ascontiguousarray(crop), box
 
 
+def cell_crops(rgb: np.ndarray, centres: Sequence[tuple[float, float]], side: float, size: int,
+               border: str = "clip") -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """The classifier's input for each cell centre: a :func:`crop_cell` of ``side`` pixels resized to ``size`` x
+    ``size`` (a clipped crop is squared, as the model's own preprocessing does with a clipped training crop), and
+    each crop's box in field pixels."""
+    crops, boxes = [], []
+    for x, y in centres:
+        crop, box = crop_cell(rgb, x, y, side, border)
+        shrink = crop.shape[0] > size or crop.shape[1] > size
+        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
+        boxes.append(box)
+    return crops, boxes
+
+
 def _model_name(model: Any) -> str:
     return str(getattr(model, "name", "") or type(model).__name__)
 
@@ -367,15 +381,8 @@ def scan_field(rgb: np.ndarray, model: Classifier, config: ScanConfig | None = N
     threshold = (abnormal_threshold(model, classes, abnormal) if cfg.abnormal_threshold is None
                  else float(cfg.abnormal_threshold))
     det = find_white_cells(rgb, cfg)
-    side = cfg.crop_rbc_diameters * det.rbc_diameter
-    size = int(model.input_size)
-    crops, boxes = [], []
-    for c in det.cells:
-        crop, box = crop_cell(rgb, c.x, c.y, side, cfg.border)
-        # Square, like the model's own preprocessing does with a clipped training crop.
-        shrink = crop.shape[0] > size or crop.shape[1] > size
-        crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
-        boxes.append(box)
+    crops, boxes = cell_crops(rgb, [(c.x, c.y) for c in det.cells], cfg.crop_rbc_diameters * det.rbc_diameter,
+                              int(model.input_size), cfg.border)
     proba = np.zeros((0, len(classes)), np.float32)
     scores: np.ndarray | None = None
     if crops:

@@ -88,7 +88,7 @@ def test_dihedral_views_move_points_with_the_pixels() -> None:
     for x, y in pts.astype(int):
         img[y, x] = 255
     for k in range(8):
-        out, moved = _dihedral(img, pts, k)
+        out, (moved,) = _dihedral(img, k, pts)
         for x, y in moved.astype(int):
             assert out[y, x] == 255, k
         assert out.sum() == img.sum()

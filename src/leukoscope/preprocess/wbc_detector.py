@@ -104,7 +104,21 @@ def find_peaks(prob: np.ndarray, threshold: float, min_distance: float) -> list[
     return kept
 
 
-def _disc_cell(x: float, y: float, radius: float, p: float, shape: tuple[int, int]) -> Cell:
+def field_peaks(prob: np.ndarray, scale: float, shape: tuple[int, int], threshold: float,
+                min_distance: float) -> list[tuple[float, float, float]]:
+    """:func:`find_peaks` of a work-image probability map as ``(x, y, p)`` in field pixels (``shape`` = the field's
+    ``(h, w)``); peaks in the reflected padding beyond the field are not cells."""
+    h, w = shape
+    out = []
+    for px, py, p in find_peaks(prob, threshold, min_distance):
+        x, y = px / scale, py / scale
+        if 0 <= x < w and 0 <= y < h:
+            out.append((x, y, p))
+    return out
+
+
+def disc_cell(x: float, y: float, radius: float, p: float, shape: tuple[int, int]) -> Cell:
+    """A detected centre as a :class:`~leukoscope.preprocess.cells.Cell` with a disc outline of ``radius`` pixels."""
     h, w = shape
     bbox = (max(0, int(np.floor(x - radius))), max(0, int(np.floor(y - radius))),
             min(w, int(np.ceil(x + radius)) + 1), min(h, int(np.ceil(y + radius)) + 1))
@@ -166,13 +180,9 @@ class WBCDetector:
         """The white cells of a field as a :class:`~leukoscope.preprocess.cells.Detection` (disc outlines)."""
         prob, scale, rbc_d = self.heatmap(rgb, rbc_diameter)
         thr = self.threshold if threshold is None else float(threshold)
-        peaks = find_peaks(prob, thr, self.min_distance * self.work_rbc_px)
-        h, w = rgb.shape[:2]
-        cells = []
-        for px, py, p in peaks:
-            x, y = px / scale, py / scale
-            if 0 <= x < w and 0 <= y < h:  # peaks in the reflected padding are not cells
-                cells.append(_disc_cell(x, y, self.cell_radius * rbc_d, p, (h, w)))
+        shape = rgb.shape[:2]
+        cells = [disc_cell(x, y, self.cell_radius * rbc_d, p, shape)
+                 for x, y, p in field_peaks(prob, scale, shape, thr, self.min_distance * self.work_rbc_px)]
         cells.sort(key=lambda c: (round(c.y), c.x))
         return Detection(cells, rbc_d, scale, np.zeros((0, 0), np.int32), [])
 

@@ -131,12 +131,17 @@ class QualityWarningOut(BaseModel):
     message: str
 
 
-class PredictResponse(BaseModel):
+class _Answer(BaseModel):
+    """What every single-input answer starts with: the class, its probability, every class's, and who gave them."""
+
     label: str = Field(description="the most probable class")
     confidence: float = Field(description="calibrated probability of that class")
     probabilities: dict[str, float] = Field(description="calibrated probability of every class")
     model: str
     weights_sha256: str
+
+
+class PredictResponse(_Answer):
     backend: str = Field(description="what computed it: onnx, onnx-int8 or torch; +tta with test-time flips")
     filename: str = Field(description="the uploaded file's name, echoed (never used as a path)")
     sha256: str = Field(description="SHA-256 of the uploaded bytes")
@@ -193,12 +198,7 @@ class ScanResponse(BaseModel):
     image: EncodedImage | None = None
 
 
-class FlowResponse(BaseModel):
-    label: str = Field(description="the most probable class (normal or aml for flow-aml)")
-    confidence: float = Field(description="probability of that class")
-    probabilities: dict[str, float] = Field(description="probability of every class")
-    model: str
-    weights_sha256: str
+class FlowResponse(_Answer):
     filename: str
     sha256: str
     audit_id: int

@@ -46,7 +46,7 @@ from leukoscope.preprocess.wbc_detector import (
     DETECTOR_DIR,
     ONNX_FILE,
     WEIGHTS_FILE,
-    find_peaks,
+    field_peaks,
     measure_rbc,
     remove_marks,
     to_work,
@@ -189,18 +189,20 @@ def bccd_fields(parts: tuple[str, ...] = ("train", "val")) -> list[FieldLabels]:
 # --------------------------------------------------------------------------------------------------------------
 # Views and features
 # --------------------------------------------------------------------------------------------------------------
-def _dihedral(img: np.ndarray, pts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate by k % 4 quarter turns (np.rot90) and flip left-right when k >= 4; points follow (x, y columns)."""
-    pts = pts.copy()
+def _dihedral(img: np.ndarray, k: int, *points: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rotate by k % 4 quarter turns (np.rot90) and flip left-right when k >= 4; each ``(n, 2)`` array of (x, y)
+    points follows."""
+    pts = [p.copy() for p in points]
     for _ in range(k % 4):
         w = img.shape[1]
         img = np.rot90(img)
-        pts = np.stack([pts[:, 1], w - 1 - pts[:, 0]], 1) if len(pts) else pts
+        pts = [np.stack([p[:, 1], w - 1 - p[:, 0]], 1) if len(p) else p for p in pts]
     if k >= 4:
         w = img.shape[1]
         img = img[:, ::-1]
-        if len(pts):
-            pts[:, 0] = w - 1 - pts[:, 0]
+        for p in pts:
+            if len(p):
+                p[:, 0] = w - 1 - p[:, 0]
     return np.ascontiguousarray(img), pts
 
 
@@ -252,18 +254,14 @@ def field_views(fl: FieldLabels, trunk: torch.nn.Module, cfg: DetectorTrainConfi
     rgb, _ = remove_marks(read_image(fl.path))
     out = []
     for v in range(views):
-        img = rgb
         work_rbc = cfg.work_rbc_px * (1.0 if v == 0 else float(rng.uniform(0.85, 1.2)))
         scale = work_rbc / fl.rbc
-        x = to_work(img if v == 0 else _recolour(img, rng), scale)
+        x = to_work(rgb if v == 0 else _recolour(rgb, rng), scale)
         pos = np.asarray(fl.positives, np.float32).reshape(-1, 2) * scale
         ign = np.asarray(fl.ignore, np.float32).reshape(-1, 2) * scale
         if v:
-            k = int(rng.integers(0, 8))
-            arr = x[0].transpose(1, 2, 0)
-            arr2, pos = _dihedral(arr, pos, k)
-            _, ign = _dihedral(arr, ign, k)
-            x = np.ascontiguousarray(arr2.transpose(2, 0, 1)[None])
+            arr, (pos, ign) = _dihedral(x[0].transpose(1, 2, 0), int(rng.integers(0, 8)), pos, ign)
+            x = np.ascontiguousarray(arr.transpose(2, 0, 1)[None])
         with torch.inference_mode():
             f8, f16 = (f.cpu() for f in trunk(torch.from_numpy(x).to(device or "cpu")))
         target, ignore, cells = _targets(tuple(f8.shape[-2:]), pos, ign, work_rbc, cfg)
@@ -380,14 +378,8 @@ def detection_counts(dets: list[tuple[float, float]], fl: FieldLabels, radius_rb
 def peaks_in_field(prob: np.ndarray, fl: FieldLabels, threshold: float, cfg: DetectorTrainConfig,
                    ) -> list[tuple[float, float, float]]:
     """Peaks of a view-0 probability map in field pixels, inside the field."""
-    scale = cfg.work_rbc_px / fl.rbc
     w, h = (int(v) for v in fl.size.split("x"))
-    out = []
-    for px, py, p in find_peaks(prob, threshold, cfg.min_distance * cfg.work_rbc_px):
-        x, y = px / scale, py / scale
-        if 0 <= x < w and 0 <= y < h:
-            out.append((x, y, p))
-    return out
+    return field_peaks(prob, cfg.work_rbc_px / fl.rbc, (h, w), threshold, cfg.min_distance * cfg.work_rbc_px)
 
 
 def choose_threshold(probs: list[np.ndarray], fields: list[FieldLabels], cfg: DetectorTrainConfig,
