@@ -9,7 +9,7 @@ not?
 Features of every readable cell (the two truncated JPEGs are skipped, as in ``deepapl_targets.py``):
 - ``imagenet``: the frozen ImageNet EfficientNet-Lite0 embedding (1280-d, conv head of the packaged weights on the
   cached stem features, the same as the ``apl`` study's "frozen ImageNet embedding");
-- ``handcrafted``: the 117 colour / shape / texture features of :mod:`leukoscope.models.classical` (cached);
+- ``handcrafted``: the 117 colour / shape / texture features of :mod:`leukoscope.research.classical` (cached);
 - ``imagenet+handcrafted``: both, concatenated.
 
 Classifiers (all on standardised features): logistic regression (balanced class weights; C tuned), RBF SVM
@@ -50,10 +50,10 @@ from sklearn.svm import SVC
 
 from leukoscope.config import make_config
 from leukoscope.diagnose.model import pooled
-from leukoscope.diagnose.study import BLAST, cnn_on_stem, load_cells, operating_point, sens_spec
 from leukoscope.evaluate.metrics import binary_metrics
-from leukoscope.models.classical import extract_dataset_features
 from leukoscope.models.modeldir import SHIPPED_DIR
+from leukoscope.research.classical import extract_dataset_features
+from leukoscope.research.patient_study import BLAST, cnn_on_stem, load_cells, operating_point, sens_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "cell-type.yaml"

@@ -10,7 +10,7 @@ reference, two optimistic numbers chosen on the test cells themselves: the best 
 the validation threshold flags, by cell type.
 
 ``--stack-handcrafted C`` adds a second reader and their combination: an RBF SVM (``C``, balanced classes) on the 117
-handcrafted features of :mod:`leukoscope.models.classical`, trained for blast vs rest on the model's *training*
+handcrafted features of :mod:`leukoscope.research.classical`, trained for blast vs rest on the model's *training*
 patients; then a logistic regression on (logit P(blast), SVM score) fitted on the *validation* patients, whose
 threshold for sensitivity 0.95 is also taken there. The test patients are used only to report.
 """
@@ -30,8 +30,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from leukoscope.data.datasets import load_dataset
-from leukoscope.diagnose.study import BLAST, operating_point, sens_spec
 from leukoscope.models import load_model
+from leukoscope.research.patient_study import BLAST, operating_point, sens_spec
 
 TARGET_SENS, TARGET_SPEC = 0.95, 0.90
 
@@ -58,7 +58,7 @@ def report(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarra
 
 def stack_handcrafted(samples: dict, p_blast: dict, c: float) -> dict:
     """The handcrafted-feature SVM alone and stacked with the CNN (see the module docstring)."""
-    from leukoscope.models.classical import extract_dataset_features
+    from leukoscope.research.classical import extract_dataset_features
 
     feats, ys, skipped = {}, {}, []
     for part, ss in samples.items():

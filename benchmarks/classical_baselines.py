@@ -23,7 +23,7 @@ import numpy as np
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.splits import group_kfold, groups_on_both_sides
 from leukoscope.evaluate.metrics import binary_metrics, multiclass_metrics
-from leukoscope.models.classical import FEATURE_NAMES, FEATURE_VERSION, ClassicalConfig, cross_validate_classical
+from leukoscope.research.classical import FEATURE_NAMES, FEATURE_VERSION, ClassicalConfig, cross_validate_classical
 
 OUT = Path(__file__).resolve().parent / "results" / "classical_baselines.json"
 

@@ -34,7 +34,9 @@ import torch
 from leukoscope.config import make_config
 from leukoscope.diagnose.mil import MILConfig
 from leukoscope.diagnose.model import copy_top, pooled
-from leukoscope.diagnose.study import (
+from leukoscope.evaluate.metrics import binary_metrics
+from leukoscope.models.modeldir import SHIPPED_DIR, load_model
+from leukoscope.research.patient_study import (
     BLAST,
     PROMYELOCYTE,
     CellData,
@@ -49,8 +51,6 @@ from leukoscope.diagnose.study import (
     sens_spec,
     youden_threshold,
 )
-from leukoscope.evaluate.metrics import binary_metrics
-from leukoscope.models.modeldir import SHIPPED_DIR, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "cell-type.yaml"
@@ -247,7 +247,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     cfg = make_config(file=CONFIG)
-    data = load_cells(cfg, views=1 + cfg.aug_views)
+    data = load_cells(cfg, views=1 + cfg.recipe.aug_views)
     print(f"{len(data.patients)} readable cells from {len(set(data.patients))} patients; unreadable: "
           f"{[p for p, _ in data.unreadable]}")
     ct_dir = Path(args.cell_type_model)

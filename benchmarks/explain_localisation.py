@@ -47,7 +47,9 @@ from scipy import ndimage
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.explain import METHODS, gradcam_array
-from leukoscope.explain.faithfulness import (
+from leukoscope.explain.record import RECORD_FILE, record_from_results, weights_sha256
+from leukoscope.models import load_model
+from leukoscope.research.faithfulness import (
     ROAD_PERCENTILES,
     deletion_insertion,
     differences,
@@ -56,8 +58,6 @@ from leukoscope.explain.faithfulness import (
     random_map,
     road,
 )
-from leukoscope.explain.record import RECORD_FILE, record_from_results, weights_sha256
-from leukoscope.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 257

@@ -37,7 +37,7 @@ def _time(step, n: int) -> float:
 def measure_size(size: int, batch: int, steps: int) -> dict:
     """Images per second of a full training step and of the cached-stem step at ``size`` px."""
     cfg = make_config({"input_size": size})
-    net, _ = build_network(cfg.spec(), 2, cfg.pretrained)
+    net, _ = build_network(cfg.spec(), 2, cfg.recipe.pretrained)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     y = torch.randint(0, 2, (batch,))
     gen = torch.Generator().manual_seed(0)

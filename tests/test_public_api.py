@@ -199,7 +199,7 @@ def test_a_classical_model_directory_loads_through_the_same_door(tmp_path, data_
     from leukoscope.data.datasets import load_dataset
     from leukoscope.data.images import read_image
     from leukoscope.errors import LeukoscopeError
-    from leukoscope.models.classical import ClassicalConfig, ClassicalModel, extract_features
+    from leukoscope.research.classical import ClassicalConfig, ClassicalModel, extract_features
 
     ds = load_dataset("aria")
     by_class = {c: [s for s in ds.samples if s.label == c][:6] for c in ds.classes[:2]}

@@ -111,7 +111,7 @@ def test_one_group_kfold_behind_every_caller() -> None:
     """Image splits, flow subject folds and the classical models' tuning folds are the same group_folds."""
     from leukoscope.data.splits import group_folds
     from leukoscope.flow.classifier import subject_folds
-    from leukoscope.models.classical import inner_group_splits
+    from leukoscope.research.classical import inner_group_splits
 
     rng = np.random.default_rng(0)
     groups = np.repeat([f"p{i}" for i in range(12)], 5)

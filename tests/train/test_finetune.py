@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leukoscope.config import make_config
+from leukoscope.config import for_device, make_config
 from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.train.finetune import augment_batch, pack_images
@@ -42,13 +42,17 @@ def test_full_finetune_trains_every_layer_and_writes_a_model(tmp_path, data_root
     from leukoscope.models.modeldir import build_network
     from leukoscope.train.trainer import train
 
-    cfg = make_config({"name": "full", "datasets": ("all_idb2",), "full_finetune": True, "input_size": 64,
-                       "epochs": 2, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1,
-                       "operating_point": "balanced", "cache_dir": str(tmp_path / "cache")})
+    # sized for a GPU, with a CPU profile: on the CPU the profile's size and epochs are what is trained
+    cfg = make_config({"name": "full", "datasets": ("all_idb2",), "full_finetune": True, "input_size": 224,
+                       "epochs": 40, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1,
+                       "operating_point": "balanced", "cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                       "cpu": {"input_size": 64, "epochs": 2}})
     res = train(cfg, tmp_path / "full", progress=False)
     assert len(res.history) == 2 and np.isfinite(res.history[-1]["val_loss"])
+    saved = make_config(file=tmp_path / "full" / "config.yaml")  # records what ran
+    assert (saved.recipe.input_size, saved.recipe.epochs) == (64, 2)
     trained = load_file(str(tmp_path / "full" / "model.safetensors"))
-    start, _ = build_network(cfg.spec(), 2, cfg.pretrained)
+    start, _ = build_network(cfg.spec(), 2, cfg.recipe.pretrained)
     before = start.state_dict()
     # the first convolution (frozen in the cached-stem trainer) and the head both moved
     first = next(k for k in before if k.endswith("conv_stem.weight"))
@@ -80,3 +84,16 @@ def test_pack_images_lists_unreadable_files(tmp_path, data_root):
     x, ok, failed = pack_images([good, Sample(bad, "healthy", "g", "t")], Preprocess(32, (0.5,) * 3, (0.5,) * 3),
                                 str(tmp_path), progress=False)
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.uint8 and ok == [0] and failed[0][0] == str(bad)
+
+
+def test_cpu_profile_applies_on_the_cpu_only_and_takes_only_sizing_keys():
+    cfg = make_config({"input_size": 224, "epochs": 40, "cpu": {"input_size": "128", "epochs": 12}})
+    assert cfg.recipe.cpu == {"input_size": 128, "epochs": 12}  # coerced when the config is built
+    assert for_device(cfg, "cuda") is cfg
+    cpu = for_device(cfg, "cpu")
+    assert (cpu.recipe.input_size, cpu.recipe.epochs, cpu.recipe.lr) == (128, 12, cfg.recipe.lr)
+    assert for_device(cpu, "cpu") == cpu  # a saved CPU config trains the same again
+    with pytest.raises(ValueError, match="may set"):
+        make_config({"cpu": {"datasets": "aria"}})  # what a model learns from is not a CPU setting
+    with pytest.raises(ValueError, match="takes a int"):
+        make_config({"cpu": {"epochs": "many"}})

@@ -96,7 +96,8 @@ def test_config_layers_and_unknown_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("name: x\nepochs: 7\ndatasets: [aria, all_idb2]\n")
     cfg = make_config(parse_set(["epochs=9", "lr=0.01", "cache_stem=false"]), f)
-    assert (cfg.name, cfg.epochs, cfg.lr, cfg.cache_stem, cfg.datasets) == ("x", 9, 0.01, False, ("aria", "all_idb2"))
+    assert (cfg.name, cfg.datasets) == ("x", ("aria", "all_idb2"))
+    assert (cfg.recipe.epochs, cfg.recipe.lr, cfg.recipe.cache_stem) == (9, 0.01, False)
     f.write_text("epohcs: 3\n")
     with pytest.raises(ValueError, match=r"Unknown config key 'epohcs' in .*Did you mean 'epochs'\?"):
         make_config(file=f)
@@ -223,3 +224,29 @@ def test_operating_point_and_half_precision_weights(tmp_path, data_root):
     assert model.decide(np.array([1 - t, t])) == 1 and model.decide(np.array([1 - t + 1e-3, t - 1e-3])) == 0
     with pytest.raises(ValueError, match="Unknown operating_point"):
         make_config({"operating_point": "youden"})
+
+
+@pytest.mark.parametrize("key, value", [("model", "vit"), ("denoise", "gauss"), ("stain", "vahadane"),
+                                        ("crop", "centre"), ("optimizer", "sgd"), ("balance", "oversample"),
+                                        ("schedule", "step"), ("device", "tpu"), ("weights_dtype", "int8")])
+def test_every_named_choice_is_checked_when_the_config_is_built(key, value):
+    with pytest.raises(ValueError, match=f"Unknown {key} '{value}'. Available"):
+        make_config({key: value})
+
+
+def test_settings_and_recipe_are_apart_and_save_as_one_flat_file(tmp_path):
+    from dataclasses import fields
+
+    from leukoscope.config import Recipe, TrainConfig, save_config
+
+    settings = {f.name for f in fields(TrainConfig)} - {"recipe"}
+    assert not settings & {f.name for f in fields(Recipe)}  # a key belongs to one of the two
+    assert {"datasets", "target", "operating_point", "seed"} <= settings
+    assert {"lr", "epochs", "backbone", "augment"} <= {f.name for f in fields(Recipe)}
+    cfg = make_config({"name": "m", "lr": 0.005, "operating_point": "balanced"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert make_config(file=tmp_path / "config.yaml") == cfg
+    with pytest.raises(ValueError, match="epochs must be at least 1"):
+        make_config({"epochs": 0})
+    with pytest.raises(ValueError, match="leave a training part"):
+        make_config({"test_size": 0.5, "val_size": 0.5})

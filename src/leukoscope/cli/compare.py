@@ -7,8 +7,6 @@ import argparse
 import os
 import sys
 
-from leukoscope.compare import DEFAULT_MODELS
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -19,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (see `leukoscope data summary`)")
     p.add_argument("--target", help="label to predict (e.g. binary, subtype, cell_type)")
     p.add_argument("--root", help="dataset folder (default: the shared data location)")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated families, in table order (default {','.join(DEFAULT_MODELS)})")
+    # the research code is imported by main() only, so that the parser (every command's --help) stays light
+    p.add_argument("--models", default=None,
+                   help="comma-separated families, in table order: cnn, hybrid, rf, svm, cnn_svm (default: all)")
     p.add_argument("--folds", type=int, default=0, help="K for stratified group K-fold (default: one holdout split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-size", type=float, default=0.2, help="holdout test fraction (default 0.2)")
@@ -43,13 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from leukoscope.compare import CompareConfig, run_compare
     from leukoscope.config import make_config, parse_set
+    from leukoscope.research.compare import DEFAULT_MODELS, CompareConfig, run_compare
 
     neural, cnn, hybrid = parse_set(args.set), parse_set(args.cnn_set), parse_set(args.hybrid_set)
     for overrides in (neural, cnn, hybrid):
         make_config(overrides)  # unknown keys fail here, before anything is trained
-    cfg = CompareConfig(dataset=args.dataset, target=args.target, root=args.root, models=args.models,
+    models = DEFAULT_MODELS if args.models is None else args.models
+    cfg = CompareConfig(dataset=args.dataset, target=args.target, root=args.root, models=models,
                         folds=args.folds, seed=args.seed, test_size=args.test_size, val_size=args.val_size,
                         split_file=args.split, neural=neural, cnn=cnn, hybrid=hybrid,
                         embed_trainable_stages=args.embed_stages, timing_images=args.timing_images,

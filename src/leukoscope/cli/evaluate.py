@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for evaluation.json/.md/.html and the plots")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--tta", action="store_true",
-                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
+                   help="average the logits over each image's 4 flips (4x the work; docs/TRAINING.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference backend (int8: the model's model.int8.onnx, see `leukoscope export --int8`)")
     p.set_defaults(func=main)

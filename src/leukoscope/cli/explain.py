@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for <stem>.overlay.png, <stem>.heatmap.npy, <stem>.json and "
                                                 "index.html")
     p.add_argument("--tta", action="store_true",
-                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
+                   help="average the logits over each image's 4 flips (4x the work; docs/TRAINING.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"],
                    help="inference for the probabilities (and the gradient-free methods' many passes); gradients "
                         "always come from PyTorch")

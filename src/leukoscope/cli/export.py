@@ -29,8 +29,8 @@ def main(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, backend="torch")
     if args.int8:
-        from leukoscope.models.quantize import export_int8
         from leukoscope.predict import collect_paths
+        from leukoscope.quantize import export_int8
 
         cal = None
         if args.calibration:

@@ -67,7 +67,6 @@ def main(args: argparse.Namespace) -> int:
 
     from leukoscope.data.images import read_image
     from leukoscope.errors import ImageReadError
-    from leukoscope.explain.faithfulness import ROAD_PERCENTILES, measure
     from leukoscope.explain.record import (
         PRIMARY,
         SECONDARY,
@@ -79,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
     from leukoscope.explain.record import weights_sha256 as sha_of
     from leukoscope.models import load_model
     from leukoscope.predict import collect_paths
+    from leukoscope.research.faithfulness import ROAD_PERCENTILES, measure
 
     if (args.image_set or args.title) and not args.record:
         print("leukoscope faithfulness: --image-set and --title name what --record writes; add --record",

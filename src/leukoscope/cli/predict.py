@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", help="explanation method for --heatmaps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", action="store_true",
-                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
+                   help="average the logits over each image's 4 flips (4x the work; docs/TRAINING.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.add_argument("--no-quality-checks", action="store_true",
                    help="skip the image-quality checks (about 3x faster on many images; the warnings column then "

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-gradcam", action="store_true", help="do not draw Grad-CAM on abnormal cells")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON and GeoJSON files")
     p.add_argument("--tta", action="store_true",
-                   help="average the logits over each image's 4 flips (4x the work; docs/RESULTS.md)")
+                   help="average the logits over each image's 4 flips (4x the work; docs/TRAINING.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "int8", "torch"])
     p.set_defaults(func=main)
     return p

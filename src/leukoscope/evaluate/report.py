@@ -240,23 +240,25 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
         "## Architecture",
         f"- `{info['spec']['model']}` on backbone `{info['spec']['backbone']}` (ImageNet weights from "
         f"`{info['weights_source']}`), input {info['preprocess']['size']} px, dropout {info['spec']['dropout']}.",
-        f"- Trained: the backbone's last {info['spec']['trainable_stages']} stage(s) and the head"
-        + (" on cached stem features" if cfg.cache_stem else "")
+        ("- Trained: every layer (full fine-tuning, images augmented per sample on the training device)"
+         if cfg.recipe.full_finetune else
+         f"- Trained: the backbone's last {info['spec']['trainable_stages']} stage(s) and the head"
+         + (" on cached stem features" if cfg.recipe.cache_stem else ""))
         + f"; {info.get('n_parameters', '')} parameters in all.",
         *([_trained_on(info["trained_on"], info.get("trained_seconds"))] if info.get("trained_on") else []),
         f"- Temperature {info['temperature']:.3f} fitted on the validation split. "
         f"Grad-CAM layer `{info['target_layer']}`.",
-        *([f"- Trained on {len(info['spec']['subclasses'])} subclasses (`subclasses: {cfg.subclasses}`: "
+        *([f"- Trained on {len(info['spec']['subclasses'])} subclasses (`subclasses: {cfg.recipe.subclasses}`: "
            + ", ".join(f"`{c}`" for c in info["spec"]["subclasses"])
            + "); it answers with the classes, each class's probability being the sum of its subclasses'."]
           if info["spec"].get("subclasses") else []),
         *(["- Input crop (`crop: cutout`): an image of one cell cut out onto a black background is cropped to the "
            "square around the cell before resizing (other images are used whole); heatmaps are zero outside the crop."]
-          if getattr(cfg, "crop", "none") == "cutout" else []),
-        *([f"- Loss on the activation maps (`cam_mask: {cfg.cam_mask}`): on training images of one cell on a black "
-           "background, the share of the abnormal classes' maps outside the cell is added to the loss, so that the "
+          if cfg.recipe.crop == "cutout" else []),
+        *([f"- Loss on the activation maps (`cam_mask: {cfg.recipe.cam_mask}`): on training images of one cell on a "
+           "black background, the share of the abnormal classes' maps outside the cell is added to the loss, so that the "
            "heatmaps of abnormal calls lie on the cell (`leukoscope.train.cam_mask`)."]
-          if getattr(cfg, "cam_mask", 0) else []),
+          if cfg.recipe.cam_mask else []),
         "", "## Data seen",
         f"Datasets: {', '.join(cfg.datasets)}. Groups: {ds.group_by}.",
         f"Split (stratified by class, grouped; seed {split.seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items())

@@ -268,7 +268,7 @@ class CAM:
 
     Where gradients start: in a CNN the target layer's output is made a leaf that requires grad, so the forward pass
     below it builds no autograd graph and the backward pass stops there (the maps only need the gradient at that
-    layer; half the CPU time of back-propagating to the input, see docs/EXPLAIN.md). A model with Transformer
+    layer, so nothing below it is back-propagated; docs/EXPLAIN.md, "Speed"). A model with Transformer
     encoder layers lets the input carry the gradient instead: it keeps PyTorch's fused encoder fast path, which
     would bypass the hooked sub-layer, switched off.
 

@@ -1,7 +1,7 @@
 """The faithfulness record a model directory carries (``faithfulness.json``): what ``leukoscope faithfulness
 --record`` measured for each heatmap method, per kind of image, and what ``explain`` reports with every heatmap.
 
-Reading it needs neither PyTorch nor the measurement code (:mod:`leukoscope.explain.faithfulness`).
+Reading it needs neither PyTorch nor the measurement code (:mod:`leukoscope.research.faithfulness`).
 """
 
 from __future__ import annotations

@@ -418,7 +418,7 @@ def onnx_session(path: str | Path, threads: int = 0) -> Any:
         threads: 0 keeps ONNX Runtime's default (a thread per core, spin-waiting between operators: the fastest for
             one caller with big batches, e.g. ``leukoscope predict``); ``n > 0`` gives ``n`` intra-op threads that do
             not spin-wait, for a server whose parallelism comes from concurrent requests (spinning threads of
-            several requests burn the cores the others need; docs/SERVING.md has the measurements).
+            several requests burn the cores the others need; ``benchmarks/serve_load.py`` measures it).
     """
     import onnxruntime as ort
 
@@ -488,8 +488,8 @@ def _attach_int8(model: LoadedModel, threads: int = 0) -> None:
 if TYPE_CHECKING:
     from leukoscope.diagnose.model import PatientModel
     from leukoscope.flow.model import FlowModel
-    from leukoscope.models.classical import ClassicalModel
     from leukoscope.preprocess.wbc_detector import WBCDetector
+    from leukoscope.research.classical import ClassicalModel
 
 # What each kind of model directory holds, what load_model returns for it, and how that object is used.
 MODEL_KINDS: dict[str, dict[str, str]] = {
@@ -500,7 +500,7 @@ MODEL_KINDS: dict[str, dict[str, str]] = {
     "flow": {"returns": "FlowModel", "input": "one flow cytometry FCS file per subject",
              "use": "leukoscope.flow.model.predict_files(model, [fcs_path])"},
     "classical": {"returns": "ClassicalModel", "input": "one cell image, as its hand-crafted features",
-                  "use": "model.predict_proba(leukoscope.models.classical.extract_features(rgb)[None])"},
+                  "use": "model.predict_proba(leukoscope.research.classical.extract_features(rgb)[None])"},
     "detector": {"returns": "WBCDetector", "input": "a whole smear field (RGB, any magnification)",
                  "use": "model.detect(rgb).cells (leukoscope scan uses it to find the white cells)"},
 }
@@ -575,9 +575,13 @@ def _load_flow_model(path: Path) -> Any:
     return load_flow_model(path)
 
 
+# The classical baselines (Random Forest / SVM on handcrafted features) are a research tool: training, tuning and
+# their features live together in leukoscope.research.classical. A directory one of them saved is still a model
+# directory, so it loads through this one door; the research module is imported here, only when such a directory is
+# loaded, so that the product core never imports research code otherwise (tests/test_layers.py).
 @LOADERS.register("classical")
 def _load_classical_model(path: Path, allow_pickle: bool = False) -> Any:
-    from leukoscope.models.classical import ClassicalModel
+    from leukoscope.research.classical import ClassicalModel
 
     return ClassicalModel.load(path, allow_pickle=allow_pickle)
 
@@ -611,7 +615,7 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     - ``flow`` (``flow-aml``): a :class:`leukoscope.flow.model.FlowModel`, normal vs AML from a flow cytometry FCS
       file: ``leukoscope.flow.model.predict_files(model, [fcs_path])``.
     - ``classical`` (a directory written by ``ClassicalModel.save``): a
-      :class:`leukoscope.models.classical.ClassicalModel`, class probabilities from hand-crafted features of cell
+      :class:`leukoscope.research.classical.ClassicalModel`, class probabilities from hand-crafted features of cell
       images: ``model.predict_proba(extract_features(rgb)[None])``.
     - ``detector`` (``wbc-detector``): a :class:`leukoscope.preprocess.wbc_detector.WBCDetector`, the white cells of
       a whole smear field: ``model.detect(rgb).cells`` (``leukoscope scan`` uses it).
@@ -619,12 +623,12 @@ def load_model(name_or_dir: str | Path | None = None, backend: str = "auto", onn
     Args:
         backend: image models only. ``auto`` (ONNX Runtime when onnxruntime is installed, else PyTorch), ``torch``,
             ``onnx`` or ``int8`` (ONNX Runtime on the directory's ``model.int8.onnx``, see
-            :mod:`leukoscope.models.quantize`; about twice as fast on CPUs with int8 instructions, predictions checked
+            :mod:`leukoscope.quantize`; about twice as fast on CPUs with int8 instructions, predictions checked
             in ``model.int8.json``).
         onnx_threads: image models only: threads of the ONNX Runtime session (see :func:`onnx_session`; 0: its
             default).
         tta: image models only: predict from the mean logits of each image's 4 flips (:meth:`LoadedModel.logits`;
-            measured in docs/RESULTS.md; the model card's numbers are without it).
+            ``benchmarks/predict_speed.py --tta`` times it; the model card's numbers are without it).
         kind: the kind the caller can use (e.g. ``"image"``); a model of another kind is a ValueError that says what
             it is and how it is used. None accepts every kind.
         allow_pickle: classical models only: their estimator is a pickle, which runs code when loaded; pass True only

@@ -10,13 +10,9 @@ without any prediction changing. This is attention supervision in the manner of 
 reasons" (Ross et al. 2017), applied to the CAM rather than to input gradients, so that it costs one small product
 per batch on the cached stem features.
 
-Measured on the leukemia-cell recipe (docs/EXPLAIN.md): alone, the leukemic maps move onto the cell (Grad-CAM mass
-inside 0.43 -> 0.88), but the decision still depends on the black surround, and Grad-CAM then fails the deletion /
-insertion test against a random map. With the cut-out cell cropped to its square (``crop: cutout``) Grad-CAM holds
-0.955 of its mass in the cell (the shipped ``leukemia-cell`` uses both since 2026-11-26), but with confidence
-intervals and ROAD it is only half faithful: removing what it marks hurts the decision more than random, while its
-insertion is at chance and removing what it marks least important hurts more than random. Every weight tried (0.1,
-0.3, 1.0) costs that faithfulness; the crop alone keeps it (docs/EXPLAIN.md, "Models side by side").
+The maps it moves onto the cell are not thereby faithful: measured with deletion / insertion and ROAD against a
+random map (``leukoscope faithfulness``; runs in ``benchmarks/results/cam_mask_experiments/``), the weights tried cost
+faithfulness that the cutout crop alone (``crop: cutout``) keeps.
 """
 
 from __future__ import annotations

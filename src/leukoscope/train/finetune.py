@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from leukoscope.config import TrainConfig, save_config
+from leukoscope.config import TrainConfig, for_device, save_config
 from leukoscope.data.datasets import Sample
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError
@@ -120,6 +120,7 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
     """Train every layer as ``cfg`` says and write the model directory to ``out`` (see the module docstring)."""
     from leukoscope.train.trainer import (
         FitResult,
+        _write_history,
         load_training_data,
         make_or_load_split,
         sample_weights,
@@ -128,11 +129,13 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
         write_model,
     )
 
-    if cfg.subclasses or cfg.cam_mask or cfg.stain != "none" or cfg.model != "cnn" or cfg.balance == "sampler":
+    device = training_device(cfg.device)
+    cfg = for_device(cfg, device.type)
+    r = cfg.recipe
+    if r.subclasses or r.cam_mask or r.stain != "none" or r.model != "cnn" or r.balance == "sampler":
         raise ValueError("full_finetune trains a plain CNN with a weighted loss: subclasses, cam_mask, stain "
                          "normalisation, balance: sampler and the hybrid model need the cached-stem trainer "
                          "(full_finetune: false)")
-    device = training_device(cfg.device)
     out = Path(out)
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -141,9 +144,9 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
     parts = {p: split.subset(ds, p) for p in ("train", "val", "test")}
     if not len(parts["val"]):
         raise ValueError("the split has no validation part; choosing the epoch and calibrating need one")
-    net, weights_source = build_network(cfg.spec(), len(ds.classes), cfg.pretrained)
-    mean, std = mean_std(cfg.backbone)
-    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, None, crop=cfg.crop)
+    net, weights_source = build_network(cfg.spec(), len(ds.classes), r.pretrained)
+    mean, std = mean_std(r.backbone)
+    pre = Preprocess(r.input_size, tuple(mean), tuple(std), r.denoise, None, crop=r.crop)
     out.mkdir(parents=True, exist_ok=True)
     split.save(out / "split.json")
     save_config(cfg, out / "config.yaml")
@@ -159,29 +162,29 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
     x_tr, y_tr, s_tr = data["train"]
     counts = np.bincount(y_tr.numpy(), minlength=len(ds.classes)).astype(float)
     class_w = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
-    w_tr = sample_weights(y_tr.numpy(), s_tr, len(ds.classes), cfg.balance,
-                          class_w if cfg.balance == "weights" else None, cfg.source_weights).to(device)
+    w_tr = sample_weights(y_tr.numpy(), s_tr, len(ds.classes), r.balance,
+                          class_w if r.balance == "weights" else None, r.source_weights).to(device)
     x_dev, y_dev = x_tr.to(device), y_tr.to(device)  # the training set lives on the device, as uint8
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     for p in net.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, math.ceil(len(y_tr) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
-    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    steps = r.epochs * max(1, math.ceil(len(y_tr) / r.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=steps, pct_start=0.15)
+    ce = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing, reduction="none")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     best_loss, best_state, best_epoch, history, t0 = math.inf, None, -1, [], time.time()
-    for epoch in tqdm(range(cfg.epochs), desc="epochs", unit="ep", disable=not progress, leave=False):
+    for epoch in tqdm(range(r.epochs), desc="epochs", unit="ep", disable=not progress, leave=False):
         net.train()
         order = torch.randperm(len(y_dev), generator=gen, device=device)
         tot, n = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, len(order), r.batch_size):
+            idx = order[i:i + r.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            xb = normalise(augment_batch(x_dev[idx], gen, cfg.augment_strength), mean, std)
+            xb = normalise(augment_batch(x_dev[idx], gen, r.augment_strength), mean, std)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
@@ -202,6 +205,7 @@ def train_full(cfg: TrainConfig, out: str | Path, progress: bool = True):
         if val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    _write_history(out, history)
     net.load_state_dict(best_state)
     net = net.cpu().to(memory_format=torch.contiguous_format).eval()
     cpu = torch.device("cpu")

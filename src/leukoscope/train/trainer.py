@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from leukoscope.config import TrainConfig, save_config
+from leukoscope.config import TrainConfig, for_device, save_config
 from leukoscope.data.datasets import Dataset, Sample, combine, load_dataset
 from leukoscope.data.images import read_image, read_readable
 from leukoscope.data.splits import Split, assert_no_leak, group_split
@@ -118,117 +118,179 @@ def training_device(name: str) -> torch.device:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
-    """Train a model as ``cfg`` says and write its model directory to ``out``."""
-    check_source_weights(cfg.source_weights, cfg.datasets)  # before minutes of data loading (balance: make_config)
-    if cfg.full_finetune:
+    """Train a model as ``cfg`` says and write its model directory to ``out``.
+
+    The stages: :func:`_prepare` (data, split, network, preprocessing), :func:`_inputs` (cached stem features or
+    images of each part), :func:`_fit` (the epochs, with checkpoints and early stopping) and :func:`write_model`.
+    ``full_finetune`` recipes go to :func:`leukoscope.train.finetune.train_full` instead."""
+    check_source_weights(cfg.recipe.source_weights, cfg.datasets)  # before minutes of data loading
+    device = training_device(cfg.device)  # a bad device fails here, before minutes of data loading
+    cfg = for_device(cfg, device.type)
+    if cfg.recipe.full_finetune:
         from leukoscope.train.finetune import train_full
 
         return train_full(cfg, out, progress)
-    device = training_device(cfg.device)  # a bad device fails here, before minutes of data loading
+    run = _prepare(cfg, Path(out), device)
+    data, failures = _inputs(run, progress)
+    masks = _cam_masks(run, data["train"], progress) if cfg.recipe.cam_mask else None
+    history, best_epoch, ddp_info = _fit(run, data, masks, resume, progress)
+    net, trainable, cpu = run.net, run.trainable, torch.device("cpu")
+    net.cpu().eval()
+    return FitResult(*write_model(
+        cfg, run.out, net, run.net_spec, run.ds, run.split, run.pre, run.weights_source, device,
+        val=(data["val"][1].numpy(), lambda: _logits(trainable, net, data["val"][0], cfg, cpu, run.pre)),
+        test=(data["test"][1].numpy(), lambda: _logits(trainable, net, data["test"][0], cfg, cpu, run.pre),
+              data["test"][2]),
+        history=history, best_epoch=best_epoch, t0=run.t0, failures=failures, n_train=len(data["train"][1]),
+        rank=run.rank, world=run.world, ddp_info=ddp_info))
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every stage of a cached-stem training run shares."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    ds: Dataset
+    split: Split
+    parts: dict[str, Dataset]
+    net: nn.Module
+    net_spec: dict
+    weights_source: str
+    trainable: _Trainable
+    pre: Preprocess
+    aug: Augment
+    subclasses: list[str]
+    sub_groups: list[int]
+    t0: float
+
+
+def _prepare(cfg: TrainConfig, out: Path, device: torch.device) -> _Run:
+    """Seeds, threads, the data and its split, the network with only its trained part trainable, the preprocessing
+    and augmentation; the split and config are written to ``out`` (rank 0)."""
+    r = cfg.recipe
     rank, world = _dist_info()
-    out = Path(out)
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
     ds = load_training_data(cfg)
     split = make_or_load_split(cfg, ds)
-    train_ds, val_ds, test_ds = (split.subset(ds, p) for p in ("train", "val", "test"))
-    if not len(val_ds):
+    parts = {p: split.subset(ds, p) for p in ("train", "val", "test")}
+    if not len(parts["val"]):
         raise ValueError("the split has no validation part; early stopping and calibration need one")
-
-    subclasses, sub_groups = subclass_labels(ds, cfg.subclasses)
+    subclasses, sub_groups = subclass_labels(ds, r.subclasses)
     net_spec = cfg.spec() | ({"subclasses": subclasses, "subclass_groups": sub_groups} if subclasses else {})
-    net, weights_source = build_network(net_spec, len(ds.classes), cfg.pretrained)
-    mean, std = mean_std(cfg.backbone)
+    net, weights_source = build_network(net_spec, len(ds.classes), r.pretrained)
+    mean, std = mean_std(r.backbone)
     stain = None
-    if cfg.stain != "none":
-        ref = Path(cfg.stain_reference) if cfg.stain_reference else train_ds.samples[0].path
-        stain = fit_stain(cfg.stain, read_image(ref))
+    if r.stain != "none":
+        ref = Path(r.stain_reference) if r.stain_reference else parts["train"].samples[0].path
+        stain = fit_stain(r.stain, read_image(ref))
         stain["reference"] = str(ref)
-    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, stain, crop=cfg.crop)
-    aug = Augment(**({"cutout_fill": cfg.crop == "cutout"} | cfg.augment))
-
+    pre = Preprocess(r.input_size, tuple(mean), tuple(std), r.denoise, stain, crop=r.crop)
+    aug = Augment(**({"cutout_fill": r.crop == "cutout"} | r.augment))
     for p in net.parameters():
         p.requires_grad_(False)
     trainable = _Trainable(net)
     for p in trainable.parameters():
         p.requires_grad_(True)
-
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         split.save(out / "split.json")
         save_config(cfg, out / "config.yaml")
+    return _Run(cfg, out, device, rank, world, ds, split, parts, net, net_spec, weights_source, trainable, pre, aug,
+                subclasses, sub_groups, time.time())
 
-    # ---- inputs: cached stem features (default) or images ------------------------------------------------------
-    y_of = {c: i for i, c in enumerate(ds.classes)}
+
+def _inputs(run: _Run, progress: bool) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
+    """Per part ``(inputs, labels, samples)``: cached stem features (N, views, C, H, W) by default, else prepared
+    images; and the unreadable ``(path, reason)``."""
+    cfg, r = run.cfg, run.cfg.recipe
+    y_of = {c: i for i, c in enumerate(run.ds.classes)}
     failures: list[tuple[str, str]] = []
-    if cfg.cache_stem:
-        key = stem_key(cfg.spec(), weights_source, pre, aug, cfg.seed)
-        cache = StemCache(cache_root(cfg.cache_dir) / "stem" / f"{key}.pt")
-        if world > 1:  # rank 0 fills the cache, the others read it
-            if rank == 0:
-                _compute_all(cache, net, train_ds, val_ds, test_ds, cfg, pre, aug)
-            dist.barrier()
-            cache = StemCache(cache.path)
-        data = {}
-        for name, part, views in (("train", train_ds, 1 + cfg.aug_views), ("val", val_ds, 1), ("test", test_ds, 1)):
-            feats, ok, failed = cache.compute(net._stem, part.samples, views, pre, aug, cfg.seed,
-                                              desc=f"stem features ({name}, {views} view(s))", progress=progress)
-            failures += failed
-            data[name] = (feats, torch.tensor([y_of[part.samples[i].label] for i in ok]), [part.samples[i] for i in ok])
-        del cache
-    else:
-        data = {name: _load_images(part, pre, failures) for name, part in
-                (("train", train_ds), ("val", val_ds), ("test", test_ds))}
+    if not r.cache_stem:
+        return {name: _load_images(part, run.pre, failures) for name, part in run.parts.items()}, failures
+    key = stem_key(cfg.spec(), run.weights_source, run.pre, run.aug, cfg.seed)
+    cache = StemCache(cache_root(cfg.cache_dir) / "stem" / f"{key}.pt")
+    if run.world > 1:  # rank 0 fills the cache, the others read it
+        if run.rank == 0:
+            for name, part in run.parts.items():
+                cache.compute(run.net._stem, part.samples, 1 + r.aug_views if name == "train" else 1, run.pre,
+                              run.aug, cfg.seed)
+        dist.barrier()
+        cache = StemCache(cache.path)
+    data = {}
+    for name, part in run.parts.items():
+        views = 1 + r.aug_views if name == "train" else 1
+        feats, ok, failed = cache.compute(run.net._stem, part.samples, views, run.pre, run.aug, cfg.seed,
+                                          desc=f"stem features ({name}, {views} view(s))", progress=progress)
+        failures += failed
+        data[name] = (feats, torch.tensor([y_of[part.samples[i].label] for i in ok]), [part.samples[i] for i in ok])
+    return data, failures
 
-    masks = None
-    if cfg.cam_mask:
-        masks = _cam_masks(cfg, net, trainable, data["train"], pre, aug, progress, ds.classes)
 
-    # ---- optimiser ---------------------------------------------------------------------------------------------
-    net.to(device)
+def _optimiser(run: _Run) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam(W) with the head at ``lr`` and the trained backbone stages at ``backbone_lr``; cosine or no schedule."""
+    r, net = run.cfg.recipe, run.net
     head_params = list(net.head.parameters())
     head_ids = {id(p) for p in head_params}
-    body_params = [p for p in trainable.parameters() if id(p) not in head_ids]
-    groups = [{"params": head_params, "lr": cfg.lr}]
+    body_params = [p for p in run.trainable.parameters() if id(p) not in head_ids]
+    groups = [{"params": head_params, "lr": r.lr}]
     if body_params:
-        groups.append({"params": body_params, "lr": cfg.backbone_lr})
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.optimizer)
-    if opt_cls is None:
-        raise ValueError(f"Unknown optimizer {cfg.optimizer!r}. Available: ['adam', 'adamw']")
-    opt = opt_cls(groups, weight_decay=cfg.weight_decay)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine"
-             else None)
-    counts = np.bincount(data["train"][1].numpy(), minlength=len(ds.classes)).astype(float)
+        groups.append({"params": body_params, "lr": r.backbone_lr})
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[r.optimizer]
+    opt = opt_cls(groups, weight_decay=r.weight_decay)
+    return opt, (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=r.epochs) if r.schedule == "cosine" else None)
+
+
+def _loss(run: _Run, data: dict) -> tuple:
+    """The training loss ``loss_fn(logits, y, w)``, the per-sample weights of train and val (None unless the balance
+    is by source or sources are weighted) and the training class counts."""
+    r, n_classes = run.cfg.recipe, len(run.ds.classes)
+    counts = np.bincount(data["train"][1].numpy(), minlength=n_classes).astype(float)
     class_w = (torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
-               if cfg.balance == "weights" else None)
+               if r.balance == "weights" else None)
     weights = None
     if class_w is not None:
         # a subclass weighs what its class weighs: the classes stay balanced as without subclasses
-        weights = (class_w[torch.as_tensor(sub_groups)] if subclasses else class_w).to(device)
+        weights = (class_w[torch.as_tensor(run.sub_groups)] if run.subclasses else class_w).to(run.device)
     # balance 'source': every sample weighs n_source / (n_classes * n_source_class), classes balanced within each
     # source, so no source can teach "this source means that class"
     sample_w = None
-    if cfg.balance == "source" or cfg.source_weights:
+    if r.balance == "source" or r.source_weights:
         # the validation loss is unweighted by class except under 'source' (as without source weights)
-        sample_w = {name: sample_weights(data[name][1].numpy(), data[name][2], len(ds.classes), cfg.balance,
-                                         class_w if name == "train" else None, cfg.source_weights).to(device)
+        sample_w = {name: sample_weights(data[name][1].numpy(), data[name][2], n_classes, r.balance,
+                                         class_w if name == "train" else None, r.source_weights).to(run.device)
                     for name in ("train", "val")}
         weights = None  # in the sample weights now
-    ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
+    ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=r.label_smoothing,
                              reduction="none" if sample_w else "mean")
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         return ce(logits, y) if w is None else (ce(logits, y) * w).sum() / w.sum()
+    return loss_fn, sample_w, counts
+
+
+def _fit(run: _Run, data: dict, masks: tuple | None, resume: bool, progress: bool) -> tuple[list[dict], int, dict]:
+    """The epochs: seeded order (or balanced sampling), a view per image and epoch, the cam_mask loss where set,
+    validation loss, checkpoints (``last.pt`` every epoch, ``best.pt`` on improvement), early stopping, resume.
+    Leaves the best epoch's weights in ``run.trainable``; returns the history, the best epoch and (DDP) the ranks'
+    checksums of their final weights."""
+    cfg, r, net, trainable, device = run.cfg, run.cfg.recipe, run.net, run.trainable, run.device
+    net.to(device)
+    opt, sched = _optimiser(run)
+    loss_fn, sample_w, counts = _loss(run, data)
     model = trainable
-    if world > 1:
+    if run.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainable, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
 
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = run.out / "checkpoints"
     start_epoch, best_loss, bad_epochs, history = 0, math.inf, 0, []
     if resume and (ckpt_dir / "last.pt").exists():
         state = torch.load(str(ckpt_dir / "last.pt"), map_location="cpu", weights_only=True)
@@ -238,34 +300,33 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             sched.load_state_dict(state["scheduler"])
         start_epoch, best_loss, bad_epochs = int(state["epoch"]) + 1, float(state["best_loss"]), int(state["bad"])
         torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
-        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        history = (json.loads((run.out / "history.json").read_text()) if (run.out / "history.json").exists()
+                   else [])
         log.info("resuming after epoch %d", start_epoch)
 
     x_tr, y_tr, _ = data["train"]
     n_train = len(y_tr)
     # what the loss compares the head's output with: subclasses when training on them, else the classes
-    y_fit = (torch.tensor([subclasses.index(subclass_of(s, cfg.subclasses)) for s in data["train"][2]])
-             if subclasses else y_tr)
-    rng = np.random.default_rng(cfg.seed)
-    t0 = time.time()
-    epochs = range(start_epoch, cfg.epochs)
-    for epoch in tqdm(epochs, desc="epochs", unit="ep", disable=not progress or rank != 0, leave=False):
+    y_fit = (torch.tensor([run.subclasses.index(subclass_of(s, r.subclasses)) for s in data["train"][2]])
+             if run.subclasses else y_tr)
+    for epoch in tqdm(range(start_epoch, r.epochs), desc="epochs", unit="ep", disable=not progress or run.rank != 0,
+                      leave=False):
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-        if cfg.balance == "sampler":
+        if r.balance == "sampler":
             w = 1.0 / counts[y_tr.numpy()]
             order = rng.choice(n_train, n_train, replace=True, p=w / w.sum())
         else:
             order = rng.permutation(n_train)
-        order = order[rank::world]  # each rank its own share (DistributedSampler's rule, in a seeded order)
+        order = order[run.rank::run.world]  # each rank its own share (DistributedSampler's rule, in a seeded order)
         model.train()
         tot, n, cam_tot, cam_n = 0.0, 0, 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            if cfg.cache_stem:
+        for i in range(0, len(order), r.batch_size):
+            idx = order[i:i + r.batch_size]
+            if r.cache_stem:
                 views = rng.integers(0, x_tr.shape[1], len(idx))
                 xb = x_tr[idx, views].float()
             else:
-                xb = torch.from_numpy(np.stack([pre.normalize(aug(x_tr[j], rng)) for j in idx]))
+                xb = torch.from_numpy(np.stack([run.pre.normalize(run.aug(x_tr[j], rng)) for j in idx]))
                 xb = net.stem(xb.to(device))
             yb = y_fit[idx].to(device)
             with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
@@ -279,7 +340,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                     if sel.any():
                         share = outside_share(cams[sel.to(device)][:, masks[2]].float(),
                                               masks[0][idx, views][sel].to(device))
-                        loss = loss + cfg.cam_mask * share
+                        loss = loss + r.cam_mask * share
                         cam_tot += share.item() * int(sel.sum())
                         cam_n += int(sel.sum())
             opt.zero_grad(set_to_none=True)
@@ -290,18 +351,18 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             n += len(idx)
         if sched:
             sched.step()
-        val_logits = _logits(trainable, net, data["val"][0], cfg, device, pre)
+        val_logits = _logits(trainable, net, data["val"][0], cfg, device, run.pre)
         val_ce = nn.functional.cross_entropy(torch.tensor(val_logits), data["val"][1], reduction="none")
         val_loss = float(val_ce.mean() if sample_w is None else (val_ce * sample_w["val"].cpu()).sum()
                          / sample_w["val"].sum().cpu())
         val_acc = float((val_logits.argmax(1) == data["val"][1].numpy()).mean())
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
-                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - run.t0, 2)})
         if masks is not None:  # mean share of the abnormal maps outside the cell, images with a mask
             history[-1]["cam_outside"] = cam_tot / cam_n if cam_n else float("nan")
         improved = val_loss < best_loss - 1e-4
         best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
-        if rank == 0:
+        if run.rank == 0:
             state = {"model": trainable.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                      "best_loss": best_loss, "bad": bad_epochs, "torch_rng": torch.get_rng_state()}
             if sched:
@@ -310,31 +371,26 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             torch.save(state, str(ckpt_dir / "last.pt"))
             if improved:
                 torch.save({"model": trainable.state_dict(), "epoch": epoch}, str(ckpt_dir / "best.pt"))
-            _write_history(out, history)
-        if bad_epochs >= cfg.patience:
-            log.info("early stop at epoch %d (no val-loss improvement for %d epochs)", epoch, cfg.patience)
+            _write_history(run.out, history)
+        if bad_epochs >= r.patience:
+            log.info("early stop at epoch %d (no val-loss improvement for %d epochs)", epoch, r.patience)
             break
-
     ddp_info = {}
-    if world > 1:
-        # every rank reports a checksum of its final weights: DDP must have kept them identical
-        local = torch.tensor([float(sum(p.double().sum() for p in trainable.parameters()))], dtype=torch.float64)
-        sums = [torch.zeros_like(local) for _ in range(world)]
-        dist.all_gather(sums, local)
-        ddp_info = {"world_size": world, "backend": dist.get_backend(),
-                    "final_weight_checksums": [float(x.item()) for x in sums]}
-        dist.barrier()
+    if run.world > 1:
+        ddp_info = _check_replicas(trainable)  # of the final weights, before each rank loads the best ones
+        dist.barrier()  # rank 0 has written best.pt
     best = torch.load(str(ckpt_dir / "best.pt"), map_location="cpu", weights_only=True)
     trainable.load_state_dict(best["model"])
-    net.cpu().eval()
-    cpu = torch.device("cpu")
-    return FitResult(*write_model(
-        cfg, out, net, net_spec, ds, split, pre, weights_source, device,
-        val=(data["val"][1].numpy(), lambda: _logits(trainable, net, data["val"][0], cfg, cpu, pre)),
-        test=(data["test"][1].numpy(), lambda: _logits(trainable, net, data["test"][0], cfg, cpu, pre),
-              data["test"][2]),
-        history=history, best_epoch=int(best["epoch"]), t0=t0, failures=failures, n_train=n_train, rank=rank,
-        world=world, ddp_info=ddp_info))
+    return history, int(best["epoch"]), ddp_info
+
+
+def _check_replicas(trainable: _Trainable) -> dict:
+    """Every rank reports a checksum of its final weights: DDP must have kept them identical."""
+    local = torch.tensor([float(sum(p.double().sum() for p in trainable.parameters()))], dtype=torch.float64)
+    sums = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, local)
+    return {"world_size": dist.get_world_size(), "backend": dist.get_backend(),
+            "final_weight_checksums": [float(x.item()) for x in sums]}
 
 
 def json_safe(obj):
@@ -414,35 +470,29 @@ def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds:
     return out, metrics, history
 
 
-def _cam_masks(cfg: TrainConfig, net: nn.Module, trainable: _Trainable, train: tuple, pre: Preprocess,
-               aug: Augment, progress: bool, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _cam_masks(run: _Run, train: tuple, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(masks (N, V, g, g), has-a-mask (N,), the abnormal classes' indices) of the training images for ``cam_mask``,
     g the last feature map's side. Only the abnormal classes' maps are constrained: a healthy cell is the absence of
     abnormal evidence, and a constrained healthy map simply vanishes (measured: all-zero maps on healthy C-NMC
     cells), since a class of a softmax can lose all its positive evidence without changing a prediction."""
     from leukoscope.data.datasets import NORMAL_CLASS_NAMES
 
+    r, classes = run.cfg.recipe, run.ds.classes
     abnormal = [i for i, c in enumerate(classes) if c.lower() not in NORMAL_CLASS_NAMES]
     feats, _, samples = train
-    if not cfg.cache_stem or cfg.model != "cnn" or cfg.subclasses or not isinstance(net.head[-1], nn.Linear):
+    if not r.cache_stem or r.model != "cnn" or r.subclasses or not isinstance(run.net.head[-1], nn.Linear):
         raise ValueError("cam_mask needs a CNN with cached stem features and no subclasses")
     if not abnormal or len(abnormal) == len(classes):
         raise ValueError(f"cam_mask needs normal and abnormal classes (normal: {list(NORMAL_CLASS_NAMES)}); "
                          f"the model's classes are {classes}")
-    trainable.eval()  # batch norm must not learn from this one-image pass
+    run.trainable.eval()  # batch norm must not learn from this one-image pass
     with torch.no_grad():
-        grid = trainable(feats[:1, 0].float(), with_maps=True)[1].shape[-1]
-    masks, has = view_masks(samples, feats.shape[1], pre, aug, cfg.seed, grid, progress)
+        grid = run.trainable(feats[:1, 0].float(), with_maps=True)[1].shape[-1]
+    masks, has = view_masks(samples, feats.shape[1], run.pre, run.aug, run.cfg.seed, grid, progress)
     log.info("cam_mask: %d of %d training images are cells on black with a mask", int(has.sum()), len(samples))
     if not has.any():
         raise ValueError("cam_mask: no training image is a cell on a black background (nothing to learn from)")
     return masks, has, abnormal
-
-
-def _compute_all(cache: StemCache, net: nn.Module, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset,
-                 cfg: TrainConfig, pre: Preprocess, aug: Augment) -> None:
-    for part, views in ((train_ds, 1 + cfg.aug_views), (val_ds, 1), (test_ds, 1)):
-        cache.compute(net._stem, part.samples, views, pre, aug, cfg.seed)
 
 
 def _load_images(part: Dataset, pre: Preprocess, failures: list) -> tuple[list[np.ndarray], torch.Tensor, list]:
@@ -462,7 +512,7 @@ def _logits(trainable: _Trainable, net: nn.Module, x: torch.Tensor | list, cfg: 
     trainable.eval()
     out = []
     for i in range(0, len(x), 128):
-        if cfg.cache_stem:
+        if cfg.recipe.cache_stem:
             xb = x[i:i + 128, 0].float().to(device)
         else:
             xb = net.stem(torch.from_numpy(np.stack([pre.normalize(im) for im in x[i:i + 128]])).to(device))

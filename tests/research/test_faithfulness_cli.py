@@ -41,8 +41,8 @@ def test_faithfulness_matches_the_benchmark_and_records_for_explain(shipped_copy
     got = json.loads(out.read_text())["cells"]["methods"]
     # the CLI measures exactly what the library's measure() gives on these cells, computed here in the same run
     from leukoscope.data.images import read_image
-    from leukoscope.explain.faithfulness import measure
     from leukoscope.models import load_model
+    from leukoscope.research.faithfulness import measure
 
     ref = measure(load_model(str(shipped_copy)), [read_image(c) for c in cells], ["gradcam", "occlusion"],
                   road_percentiles=None)["methods"]
@@ -89,7 +89,7 @@ def test_an_earlier_run_is_recorded_as_an_image_set_of_its_own_kind(data_root, t
     # smear crops are not merged into the main set of cells on black: refused before measuring
     args = parse_args(["faithfulness", *map(str, crops), "--model", str(model), "--methods", "gradcam", "--no-road",
                        "--no-progress", "--record"])
-    from leukoscope.explain import faithfulness  # `leukoscope.explain` is the function: reach the module this way
+    from leukoscope.research import faithfulness
 
     monkeypatch.setattr(faithfulness, "measure", _no_measuring)
     assert args.func(args) == 2

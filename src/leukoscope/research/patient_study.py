@@ -74,19 +74,20 @@ class CellData:
 
 def load_cells(cfg: TrainConfig, views: int = 1) -> CellData:
     """DeepAPL cells and their stem features under ``cfg`` (the cell-type config), from or into the stem cache."""
+    from leukoscope.cache import cache_root
     from leukoscope.models.backbones import mean_std
     from leukoscope.models.modeldir import build_network
     from leukoscope.preprocess.transforms import Augment, Preprocess
-    from leukoscope.train.stem_cache import StemCache, cache_root, stem_key
+    from leukoscope.train.stem_cache import StemCache, stem_key
 
-    if cfg.stain != "none":
-        raise ValueError(f"the study assumes no stain normalisation (stain={cfg.stain!r})")
+    if cfg.recipe.stain != "none":
+        raise ValueError(f"the study assumes no stain normalisation (stain={cfg.recipe.stain!r})")
     name = cfg.datasets[0]
     ds = load_dataset(name, root=cfg.roots.get(name), target="cell_type")
-    net, source = build_network(cfg.spec(), len(ds.classes), cfg.pretrained)
-    mean, std = mean_std(cfg.backbone)
-    pre = Preprocess(cfg.input_size, tuple(mean), tuple(std), cfg.denoise, None)
-    aug = Augment(**cfg.augment)
+    net, source = build_network(cfg.spec(), len(ds.classes), cfg.recipe.pretrained)
+    mean, std = mean_std(cfg.recipe.backbone)
+    pre = Preprocess(cfg.recipe.input_size, tuple(mean), tuple(std), cfg.recipe.denoise, None)
+    aug = Augment(**cfg.recipe.augment)
     cache = StemCache(cache_root(cfg.cache_dir) / "stem" / f"{stem_key(cfg.spec(), source, pre, aug, cfg.seed)}.pt")
     feats, ok, failed = cache.compute(net._stem, ds.samples, views, pre, aug, cfg.seed, desc="stem features")
     del cache

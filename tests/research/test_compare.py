@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from leukoscope.cli import main as cli_main
-from leukoscope.compare import TABLE_COLUMNS, CompareConfig, parse_models
 from leukoscope.data.datasets import load_dataset
 from leukoscope.evaluate.metrics import binary_metrics
+from leukoscope.research.compare import TABLE_COLUMNS, CompareConfig, parse_models
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_roc_plot_is_written(compared):
 
 
 def test_cnn_embeddings_are_deterministic(idb2):
-    from leukoscope.models.embed_svm import EMBED_DIM, Embedder
+    from leukoscope.research.embed_svm import EMBED_DIM, Embedder
 
     samples = idb2.samples[:4]
     emb = Embedder()
@@ -109,3 +109,13 @@ def test_unknown_model_name_suggests_the_closest(capsys):
     rc = cli_main(["compare", "--dataset", "all_idb2", "--models", "rf,hybird"])
     assert rc == 2
     assert "Unknown model 'hybird'. Did you mean 'hybrid'?" in capsys.readouterr().err
+
+
+def test_cli_help_names_every_default_family(capsys):
+    from leukoscope.research.compare import DEFAULT_MODELS
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["compare", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in DEFAULT_MODELS), help_text  # the parser lists them without importing

@@ -5,7 +5,7 @@ ReLU6) with the ImageNet weights, untouched by training. The embeddings are comp
 (:mod:`leukoscope.train.stem_cache`, the same files the CNN training reads) plus the pretrained top, so on a machine
 where a CNN was trained they cost one pass of the top only.
 
-The SVM is the one of :mod:`leukoscope.models.classical`: standardised inputs, RBF kernel, balanced class weights,
+The SVM is the one of :mod:`leukoscope.research.classical`: standardised inputs, RBF kernel, balanced class weights,
 C and gamma tuned on StratifiedGroupKFold folds of the training groups, Platt-calibrated on the same group folds
 (``SVC(probability=True)`` is not used).
 """
@@ -26,7 +26,7 @@ import torch
 from leukoscope.data.datasets import Dataset, Sample
 from leukoscope.data.images import read_image
 from leukoscope.errors import ImageReadError, LeukoscopeError
-from leukoscope.models.classical import CLASSICAL_MODELS, ClassicalConfig, ClassicalModel
+from leukoscope.research.classical import CLASSICAL_MODELS, ClassicalConfig, ClassicalModel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class Embedder:
 
     @property
     def cache_path(self) -> Path:
-        from leukoscope.train.stem_cache import cache_root, stem_key
+        from leukoscope.cache import cache_root
+        from leukoscope.train.stem_cache import stem_key
 
         key = stem_key(self.spec, self.weights_source, self.preprocess, self.augment, self.config.seed)
         return cache_root(self.config.cache_dir) / "stem" / f"{key}.pt"
@@ -164,7 +165,7 @@ class _EmbeddingNet(torch.nn.Module):
 
 
 class EmbeddingSVM(ClassicalModel):
-    """The calibrated RBF SVM of :class:`~leukoscope.models.classical.ClassicalModel` on ``(n, 1280)`` embeddings."""
+    """The calibrated RBF SVM of :class:`~leukoscope.research.classical.ClassicalModel` on ``(n, 1280)`` embeddings."""
 
     def __init__(self, classes: Sequence[str], config: ClassicalConfig | None = None) -> None:
         super().__init__("svm", list(classes), config or ClassicalConfig())
@@ -222,7 +223,7 @@ def cross_validate_embed_svm(
 ) -> dict[str, Any]:
     """Out-of-fold probabilities of the embedding SVM: for each ``(train, test)`` round, fit on train, predict test.
 
-    Returns the same keys as :func:`leukoscope.models.classical.cross_validate_classical` (``proba``, ``y_true``,
+    Returns the same keys as :func:`leukoscope.research.classical.cross_validate_classical` (``proba``, ``y_true``,
     ``groups``, ``paths``, ``fold``, ``failed``, ``fit_time_s``, ``infer_images_per_s`` ...); ``feature_extraction_s``
     is the time to embed every image (stem cache + pretrained top).
     """

@@ -13,8 +13,8 @@ from leukoscope.data.datasets import load_dataset
 from leukoscope.data.images import read_image
 from leukoscope.data.splits import assert_no_leak, group_kfold, group_split
 from leukoscope.errors import LeukoscopeError
-from leukoscope.models import classical
-from leukoscope.models.classical import (
+from leukoscope.research import classical
+from leukoscope.research.classical import (
     FEATURE_NAMES,
     ClassicalConfig,
     ClassicalModel,

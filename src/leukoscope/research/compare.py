@@ -37,11 +37,11 @@ from leukoscope.data.splits import Split, assert_no_leak, group_kfold, group_spl
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from leukoscope.models.classical import ClassicalConfig
+    from leukoscope.research.classical import ClassicalConfig
 
 
 def _classical_config(**kw: Any) -> ClassicalConfig:
-    from leukoscope.models.classical import ClassicalConfig  # scikit-image and SciPy: imported when used
+    from leukoscope.research.classical import ClassicalConfig  # scikit-image and SciPy: imported when used
 
     return ClassicalConfig(**kw)
 
@@ -186,7 +186,7 @@ def make_rounds(cfg: CompareConfig, ds: Dataset, split: Split, out: Path) -> lis
 @COMPARE_MODELS.register("rf")
 @COMPARE_MODELS.register("svm")
 def _run_classical(ctx: Context, name: str) -> dict:
-    from leukoscope.models.classical import cross_validate_classical
+    from leukoscope.research.classical import cross_validate_classical
 
     return cross_validate_classical(ctx.ds, ctx.split, name, ctx.config.classical,
                                     timing_images=ctx.config.timing_images, progress=ctx.progress)
@@ -195,14 +195,14 @@ def _run_classical(ctx: Context, name: str) -> dict:
 @COMPARE_MODELS.register("cnn_svm")
 def _run_cnn_svm(ctx: Context, name: str) -> dict:
     from leukoscope.config import make_config
-    from leukoscope.models.embed_svm import EmbedConfig, cross_validate_embed_svm
+    from leukoscope.research.embed_svm import EmbedConfig, cross_validate_embed_svm
 
     cfg = ctx.config
     stages = cfg.embed_trainable_stages
     if stages is None:
-        stages = make_config(cfg.train_overrides("cnn")).trainable_stages
+        stages = make_config(cfg.train_overrides("cnn")).recipe.trainable_stages
     tc = make_config(cfg.train_overrides("cnn"))
-    embed = EmbedConfig(backbone="efficientnet_lite0", trainable_stages=stages, input_size=tc.input_size,
+    embed = EmbedConfig(backbone="efficientnet_lite0", trainable_stages=stages, input_size=tc.recipe.input_size,
                         seed=cfg.seed, cache_dir=tc.cache_dir)
     # train + val of a round is the whole training side: train + val of the holdout, the other folds of a k-fold
     rounds = [(r.train + r.val, r.test) for r in ctx.rounds]
