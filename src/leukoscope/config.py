@@ -85,6 +85,13 @@ class Recipe:
         bad = sorted(set(self.cpu) - set(CPU_KEYS))
         if bad:
             raise ValueError(f"config key 'cpu' may set {list(CPU_KEYS)}, got {bad}")
+        if self.augment:
+            from leukoscope.preprocess.transforms import Augment
+
+            known = {f.name for f in fields(Augment)}
+            bad = sorted(set(self.augment) - known)
+            if bad:
+                raise ValueError(f"config key 'augment' may set {sorted(known)}, got {bad}")
 
 
 @dataclass(frozen=True)

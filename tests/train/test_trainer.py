@@ -250,3 +250,5 @@ def test_settings_and_recipe_are_apart_and_save_as_one_flat_file(tmp_path):
         make_config({"epochs": 0})
     with pytest.raises(ValueError, match="leave a training part"):
         make_config({"test_size": 0.5, "val_size": 0.5})
+    with pytest.raises(ValueError, match="'augment' may set"):
+        make_config({"augment": {"rotate": 90, "extra": {}}})

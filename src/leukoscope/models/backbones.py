@@ -80,7 +80,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         host = urlparse(constants.ENDPOINT).hostname
         with socket.create_connection((host, 443), timeout=timeout):
             return True
-    except Exception:
+    except Exception as exc:  # offline, no DNS, a proxy, no huggingface_hub: each means "no download"
+        log.debug("the weights hub is not reachable (%s: %s)", type(exc).__name__, exc)
         return False
 
 

@@ -160,7 +160,6 @@ class Augment:
     saturation: float = 0.15
     hue: float = 0.03
     stain_jitter: float = 0.03
-    extra: dict = field(default_factory=dict)
     background: float = 0.0  # probability of replacing a black surround with a smear-like one (preprocess/background)
     # Rotate and scale a cell on black (preprocess.background.is_cutout_view) over black, not reflecting its edges:
     # a tight crop's edges hold the cell, whose mirror images would appear in the corners. Left out of the repr (and
