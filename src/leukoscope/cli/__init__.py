@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "data": "data",
     "train": "train",
+    "ensemble": "ensemble",
     "evaluate": "evaluate",
     "predict": "predict",
     "explain": "explain",

@@ -246,6 +246,9 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
          + (" on cached stem features" if cfg.recipe.cache_stem else ""))
         + f"; {info.get('n_parameters', '')} parameters in all.",
         *([_trained_on(info["trained_on"], info.get("trained_seconds"))] if info.get("trained_on") else []),
+        *([f"- An ensemble of {1 + len(info['members'])} such networks (seeds of this recipe on this split): it "
+           "answers with the mean of their logits; the out-of-distribution score's embeddings and the heatmaps come "
+           "from the first. It costs one network per member at prediction."] if info.get("members") else []),
         f"- Temperature {info['temperature']:.3f} fitted on the validation split. "
         f"Grad-CAM layer `{info['target_layer']}`.",
         *([f"- Trained on {len(info['spec']['subclasses'])} subclasses (`subclasses: {cfg.recipe.subclasses}`: "
@@ -256,8 +259,8 @@ def write_card(out: Path, cfg, ds, split, info: dict, metrics: dict) -> None:
            "square around the cell before resizing (other images are used whole); heatmaps are zero outside the crop."]
           if cfg.recipe.crop == "cutout" else []),
         *([f"- Loss on the activation maps (`cam_mask: {cfg.recipe.cam_mask}`): on training images of one cell on a "
-           "black background, the share of the abnormal classes' maps outside the cell is added to the loss, so that the "
-           "heatmaps of abnormal calls lie on the cell (`leukoscope.train.cam_mask`)."]
+           "black background, the share of the abnormal classes' maps outside the cell is added to the loss, so "
+           "that the heatmaps of abnormal calls lie on the cell (`leukoscope.train.cam_mask`)."]
           if cfg.recipe.cam_mask else []),
         "", "## Data seen",
         f"Datasets: {', '.join(cfg.datasets)}. Groups: {ds.group_by}.",

@@ -194,6 +194,9 @@ class LoadedModel:
     _quality: Any = field(default=None, repr=False)
     _build: Any = field(default=None, repr=False)  # () -> nn.Module: the network from the directory's weights
     _build_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # an ensemble's other members (model.json "members"): the logits are the mean of this network's and theirs;
+    # embeddings (the out-of-distribution score's input) and heatmaps come from this network, the first member
+    members: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._ood = self._quality = _UNSET
@@ -221,7 +224,8 @@ class LoadedModel:
     def engine(self) -> str:
         """What computes the predictions: ``torch``, ``onnx`` or ``onnx-int8``, ``+tta`` with test-time flips (for
         reports and audit logs)."""
-        return (f"{self.backend}-int8" if self.precision == "int8" else self.backend) + ("+tta" if self.tta else "")
+        return ((f"{self.backend}-int8" if self.precision == "int8" else self.backend) + ("+tta" if self.tta else "")
+                + (f" x{1 + len(self.members)} members" if self.members else ""))
 
     @property
     def target_layer(self) -> str:
@@ -236,6 +240,8 @@ class LoadedModel:
                 if self._session_path is not None:
                     self._session = None  # opened again, with these threads, on first use
                 self._part_sessions.clear()
+        for m in self.members:
+            m.set_onnx_threads(threads)
 
     def onnx_part(self, name: str, part: nn.Module, x: np.ndarray) -> np.ndarray | None:
         """``part(x)`` through ONNX Runtime for a prepared batch: ``part`` is a piece of this model's network (input
@@ -296,7 +302,8 @@ class LoadedModel:
                 with self._lock, torch.inference_mode():
                     out = [t.float().numpy() for t in logits_and_embeddings(self.module)(torch.from_numpy(v))]
             z, f = out
-            zs.append(z if self.precision != "int8" else self._logits(v))
+            z = z if self.precision != "int8" else self._own_logits(v)
+            zs.append(z if not self.members else np.mean([z] + [m._own_logits(v) for m in self.members], axis=0))
             fs.append(f)
         return np.mean(zs, axis=0), np.mean(fs, axis=0)
 
@@ -339,6 +346,10 @@ class LoadedModel:
         return self._session
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
+        z = self._own_logits(x)
+        return z if not self.members else np.mean([z] + [m._own_logits(x) for m in self.members], axis=0)
+
+    def _own_logits(self, x: np.ndarray) -> np.ndarray:
         session = self._main_session()
         if session is not None:
             return session.run(None, {"input": x})[0]
@@ -558,6 +569,12 @@ def _load_image_model(path: Path, backend: str = "auto", onnx_threads: int = 0, 
         _attach_int8(model, threads=onnx_threads)
     elif backend != "torch":
         raise ValueError(f"Unknown backend {backend!r}. Available: {BACKENDS}")
+    for rel in info.get("members", []):  # an ensemble (leukoscope.train.ensemble): each member on the same backend
+        member = _load_image_model(path / rel, backend=model.backend if model.precision != "int8" else "int8",
+                                   onnx_threads=onnx_threads)
+        if member.classes != model.classes or member.preprocess.to_dict() != model.preprocess.to_dict():
+            raise ValueError(f"ensemble member {path / rel} has other classes or preprocessing than {path}")
+        model.members.append(member)
     return model
 
 
