@@ -90,7 +90,9 @@ def loso(args: argparse.Namespace) -> dict:
             model = load_model(str(out))
             ds = load_dataset(held, target=cfg.target)
             runs.append({held: source_metrics(model, ds) | {"seed": seed, "seconds": round(time.time() - t0, 1),
-                                                            "cam_mask": cfg.recipe.cam_mask}})
+                                                            "cam_mask": cfg.recipe.cam_mask,
+                                                            "input_size": model.input_size,  # after a cpu profile
+                                                            "trained_on": model.info.get("trained_on")}})
             print(held, seed, json.dumps(runs[-1][held])[:300], flush=True)
         results[held] = {"trained_on": list(rest), "runs": [r[held] for r in runs], "summary": summarise(runs)[held]}
     return {"mode": "loso", "config": args.config, "set": args.set, "seeds": args.seeds, "held_out": results}
