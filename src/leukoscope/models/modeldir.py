@@ -302,8 +302,7 @@ class LoadedModel:
                 with self._lock, torch.inference_mode():
                     out = [t.float().numpy() for t in logits_and_embeddings(self.module)(torch.from_numpy(v))]
             z, f = out
-            z = z if self.precision != "int8" else self._own_logits(v)
-            zs.append(z if not self.members else np.mean([z] + [m._own_logits(v) for m in self.members], axis=0))
+            zs.append(self._with_members(z if self.precision != "int8" else self._own_logits(v), v))
             fs.append(f)
         return np.mean(zs, axis=0), np.mean(fs, axis=0)
 
@@ -346,7 +345,10 @@ class LoadedModel:
         return self._session
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        z = self._own_logits(x)
+        return self._with_members(self._own_logits(x), x)
+
+    def _with_members(self, z: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``z`` (this network's logits of ``x``), or for an ensemble the mean with its other members' logits."""
         return z if not self.members else np.mean([z] + [m._own_logits(x) for m in self.members], axis=0)
 
     def _own_logits(self, x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from leukoscope.config import make_config
 from leukoscope.data.splits import Split
-from leukoscope.models.modeldir import LoadedModel, load_model, softmax
+from leukoscope.models.modeldir import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,8 @@ def check_members(dirs: list[Path]) -> None:
 
 def make_ensemble(member_dirs: list[str | Path], out: str | Path, progress: bool = False) -> LoadedModel:
     """Write the ensemble of ``member_dirs`` to ``out`` (see the module docstring) and return it loaded."""
-    from leukoscope.evaluate.metrics import balanced_threshold, binary_metrics
-    from leukoscope.evaluate.report import evaluate_predictions, write_card
     from leukoscope.evaluate.run import model_logits, model_parts
-    from leukoscope.train.trainer import fit_temperature, json_safe, load_training_data
-    from leukoscope.train.trust import fit_trust
+    from leukoscope.train.trainer import calibrate, load_training_data, score_and_document
 
     dirs = [Path(d) for d in member_dirs]
     check_members(dirs)
@@ -76,26 +73,14 @@ def make_ensemble(member_dirs: list[str | Path], out: str | Path, progress: bool
     model = load_model(out)
     parts = model_parts(model)
     val_logits, y_val, _, _ = model_logits(model, parts["val"], progress=progress)
-    temperature = fit_temperature(val_logits, y_val)
     cfg = make_config(file=out / "config.yaml")
-    threshold = None
-    if cfg.operating_point == "balanced" and len(model.classes) == 2:
-        threshold = balanced_threshold(y_val, softmax(val_logits / temperature)[:, 1])
-    info |= {"temperature": temperature, "threshold": threshold}
+    info["temperature"], info["threshold"] = calibrate(cfg, val_logits, y_val, len(model.classes))
     (out / "model.json").write_text(json.dumps(info, indent=1))
     model = load_model(out)
     test_logits, y_test, test_samples, _ = model_logits(model, parts["test"], progress=progress)
-    metrics = evaluate_predictions(model.classes, y_test, test_logits, temperature, test_samples, out_dir=out,
-                                   val=(y_val, val_logits), title=f"{info['name']} ensemble on held-out groups")
-    if threshold is not None:
-        metrics["operating_point"] = {
-            "aim": "sensitivity = specificity on validation", "threshold": threshold,
-            "val": binary_metrics(y_val, softmax(val_logits / temperature)[:, 1], threshold),
-            "test": binary_metrics(y_test, softmax(test_logits / temperature)[:, 1], threshold)}
-    metrics["training"] = json.loads((dirs[0] / "metrics.json").read_text()).get("training", {}) | {
-        "n_val": len(y_val), "n_test": len(y_test), "ensemble_members": len(dirs)}
-    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
-    write_card(out, cfg, load_training_data(cfg), Split.load(out / "split.json"), info, metrics)
-    fit_trust(out, parts, progress=progress)
+    training = json.loads((dirs[0] / "metrics.json").read_text()).get("training", {}) | {
+        "ensemble_members": len(dirs)}
+    score_and_document(out, cfg, load_training_data(cfg), Split.load(out / "split.json"), info, (y_val, val_logits),
+                       (y_test, test_logits, test_samples), training)
     log.info("wrote the ensemble of %d members to %s", len(dirs), out)
     return load_model(out)

@@ -422,12 +422,7 @@ def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds:
     round_weights(net, cfg.weights_dtype)  # everything below measures the weights as they are saved
     y_val, y_test = val[0], test[0]
     val_logits = val[1]()
-    temperature = fit_temperature(val_logits, y_val)
-    threshold = None
-    if cfg.operating_point == "balanced" and len(ds.classes) == 2:
-        from leukoscope.evaluate.metrics import balanced_threshold
-
-        threshold = balanced_threshold(y_val, softmax(val_logits / temperature)[:, 1])
+    temperature, threshold = calibrate(cfg, val_logits, y_val, len(ds.classes))
     test_logits = test[1]()
     info = {
         "name": cfg.name, "spec": net_spec, "classes": ds.classes, "target": cfg.target,
@@ -441,33 +436,56 @@ def write_model(cfg: TrainConfig, out: Path, net: nn.Module, net_spec: dict, ds:
     }
     metrics: dict = {}
     if rank == 0:
-        from leukoscope.evaluate.report import evaluate_predictions, write_card
-
         info = save_model_dir(out, net, info, cfg.weights_dtype)
-        metrics = evaluate_predictions(
-            ds.classes, y_test, test_logits, temperature, test[2], out_dir=out,
-            val=(y_val, val_logits), title=f"{cfg.name} on held-out groups")
-        if threshold is not None:  # the answers the model gives: at the operating threshold chosen on validation
-            from leukoscope.evaluate.metrics import binary_metrics
-
-            metrics["operating_point"] = {
-                "aim": "sensitivity = specificity on validation", "threshold": threshold,
-                "val": binary_metrics(y_val, softmax(val_logits / temperature)[:, 1], threshold),
-                "test": binary_metrics(y_test, softmax(test_logits / temperature)[:, 1], threshold)}
-        metrics["training"] = {"n_train": n_train, "n_val": len(y_val), "n_test": len(y_test),
-                               "epochs_run": len(history), "best_epoch": best_epoch,
-                               "unreadable": [{"path": p, "reason": r} for p, r in failures],
-                               "seconds": info["trained_seconds"]}
+        training = {"n_train": n_train, "epochs_run": len(history), "best_epoch": best_epoch,
+                    "unreadable": [{"path": p, "reason": r} for p, r in failures], "seconds": info["trained_seconds"]}
         if ddp_info:
-            metrics["training"]["ddp"] = ddp_info
-        (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
-        write_card(out, cfg, ds, split, info, metrics)
-        if {"train", "val"} <= set(split.parts):  # the out-of-distribution flag and the quality warnings
-            from leukoscope.train.trust import fit_trust
-
-            fit_trust(out, {p: split.subset(ds, p) for p in ("train", "val", "test") if p in split.parts},
-                      progress=False)
+            training["ddp"] = ddp_info
+        metrics = score_and_document(out, cfg, ds, split, info, (y_val, val_logits),
+                                     (y_test, test_logits, test[2]), training)
     return out, metrics, history
+
+
+def calibrate(cfg: TrainConfig, val_logits: np.ndarray, y_val: np.ndarray, n_classes: int) -> tuple[float,
+                                                                                                 float | None]:
+    """The temperature fitted on validation, and for ``operating_point: balanced`` (two classes) the threshold there
+    where sensitivity equals specificity (else None)."""
+    temperature = fit_temperature(val_logits, y_val)
+    if cfg.operating_point != "balanced" or n_classes != 2:
+        return temperature, None
+    from leukoscope.evaluate.metrics import balanced_threshold
+
+    return temperature, balanced_threshold(y_val, softmax(val_logits / temperature)[:, 1])
+
+
+def score_and_document(out: Path, cfg: TrainConfig, ds: Dataset, split: Split, info: dict, val: tuple, test: tuple,
+                       training: dict) -> dict:
+    """Score the test part once and write what a model directory holds beside its weights: evaluation plots,
+    metrics.json (with the operating point and ``training``), the model card, and the out-of-distribution detector
+    and quality reference. ``val``: ``(labels, logits)``; ``test``: ``(labels, logits, samples)``; ``info``: the
+    model.json record (temperature, threshold). Returns the metrics."""
+    from leukoscope.evaluate.report import evaluate_predictions, write_card
+
+    (y_val, val_logits), (y_test, test_logits, samples) = val, test
+    temperature, threshold = info["temperature"], info.get("threshold")
+    metrics = evaluate_predictions(ds.classes, y_test, test_logits, temperature, samples, out_dir=out,
+                                   val=(y_val, val_logits), title=f"{info['name']} on held-out groups")
+    if threshold is not None:  # the answers the model gives: at the operating threshold chosen on validation
+        from leukoscope.evaluate.metrics import binary_metrics
+
+        metrics["operating_point"] = {
+            "aim": "sensitivity = specificity on validation", "threshold": threshold,
+            "val": binary_metrics(y_val, softmax(val_logits / temperature)[:, 1], threshold),
+            "test": binary_metrics(y_test, softmax(test_logits / temperature)[:, 1], threshold)}
+    metrics["training"] = training | {"n_val": len(y_val), "n_test": len(y_test)}
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
+    write_card(out, cfg, ds, split, info, metrics)
+    if {"train", "val"} <= set(split.parts):  # the out-of-distribution flag and the quality warnings
+        from leukoscope.train.trust import fit_trust
+
+        fit_trust(out, {p: split.subset(ds, p) for p in ("train", "val", "test") if p in split.parts},
+                  progress=False)
+    return metrics
 
 
 def _cam_masks(run: _Run, train: tuple, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
